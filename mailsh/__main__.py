@@ -1,0 +1,3 @@
+from mailsh.cli import main
+
+main()
