@@ -1,0 +1,284 @@
+"""The embedded SMTP listener of ``mailsh serve --smtp-listen HOST:PORT``.
+
+A small aiosmtpd server that accepts mail for mailsh's own addresses and stores each
+message in the spool before saying so:
+
+- ``RCPT TO`` an address ``accept`` does not claim gets ``550 5.1.1``: it never relays.
+- Any ``MAIL FROM`` is taken, including the null sender: bounces must reach the daemon
+  so that it can log and discard them.
+- Messages over ``max_message_bytes`` get ``552`` (aiosmtpd's ``data_size_limit``, also
+  advertised as ``SIZE``).
+- ``250 2.0.0 queued as ID`` is answered only after ``spool.put`` returned, i.e. after
+  the message is durable (THREATS.md P9). If the spool fails the client gets
+  ``451 4.3.0`` and keeps the message to retry. ``put`` runs in a worker thread so a slow
+  disk does not stall other sessions.
+- The bytes stored are exactly what the client sent between ``DATA`` and the final dot
+  (minus dot-stuffing): aiosmtpd's ``envelope.original_content``, no trace header added.
+- No exception ends the server (P11): a failing session is logged and answered with a
+  4xx reply by :meth:`_Handler.handle_exception`.
+
+Line endings: aiosmtpd 1.4.6 reads DATA lines up to CRLF only (its SMTP-smuggling fix)
+and refuses any "line" longer than 1001 bytes. A client sending a message with bare LF
+line endings therefore gets ``500 Line too long`` once the message is longer than about
+1000 bytes, and the client keeps it; a shorter bare-LF message is stored as sent, bare LFs
+included. RFC 5321 requires CRLF, so this is left as is rather than loosening aiosmtpd's
+defence; mailsh's own sender normalises to CRLF (:func:`mailsh.transport.to_crlf`).
+
+If a client disconnects while ``put`` is running, the message is still stored but the
+client never saw ``250`` and will send it again: a duplicate, never a loss (duplicates
+are caught by the replay record).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 10_000_000
+"""Largest message accepted (DATA bytes); bigger ones get 552."""
+MAX_RECIPIENTS = 100
+"""RCPT TO commands accepted per message; more get 452 4.5.3."""
+SESSION_TIMEOUT = 300.0
+"""Seconds of client silence before aiosmtpd closes the connection (RFC 5321 4.5.3.2)."""
+SPOOL_WORKERS = 4
+"""Threads running ``spool.put`` at the same time; further messages wait for one."""
+START_TIMEOUT = 10.0
+"""Seconds :meth:`SmtpListener.start` waits for the socket to be bound."""
+STOP_TIMEOUT = 30.0
+"""Seconds :meth:`SmtpListener.stop` waits for sessions to end."""
+
+
+class SpoolLike(Protocol):
+    """What the listener needs from :class:`mailsh.server.spool.Spool`."""
+
+    def put(self, data: bytes, *, source: str) -> object:
+        """Store ``data`` durably (file and directory fsynced), then return."""
+        ...
+
+
+def spool_id(stored: object) -> str:
+    """A short name for what ``spool.put`` returned, for the 250 reply and logs.
+
+    Uses its ``id`` (or ``name``) attribute, else ``str()``; made printable and short.
+    """
+    value = getattr(stored, "id", None) or getattr(stored, "name", None) or stored
+    text = "".join(ch for ch in str(value) if ch.isascii() and ch.isprintable() and ch != " ")
+    return text[:64] or "-"
+
+
+class _Handler:
+    """aiosmtpd handler hooks; one instance shared by every session."""
+
+    def __init__(
+        self,
+        *,
+        spool: SpoolLike,
+        accept: Callable[[str], bool],
+        on_message: Callable[[], None] | None,
+        executor: concurrent.futures.Executor,
+    ) -> None:
+        self._spool = spool
+        self._accept = accept
+        self._on_message = on_message
+        self._executor = executor
+
+    async def handle_RCPT(  # noqa: N802 - aiosmtpd hook name
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            return "452 4.5.3 too many recipients"
+        try:
+            ours = self._accept(address)
+        except Exception:
+            log.exception("smtp %s: accept(%r) failed", _peer(session), address)
+            return "451 4.3.0 try again later"
+        if not ours:
+            log.info("smtp %s: refused RCPT TO %r", _peer(session), address)
+            return "550 5.1.1 not a mailsh address here"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(  # noqa: N802 - aiosmtpd hook name
+        self, server: SMTP, session: Session, envelope: Envelope
+    ) -> str:
+        data = envelope.original_content
+        if not isinstance(data, bytes):  # decode_data is off, so never; be sure anyway
+            log.error("smtp %s: message content is not bytes", _peer(session))
+            return "451 4.3.0 try again later"
+        source = (
+            f"smtp from {_peer(session)} mail-from=<{envelope.mail_from}> "
+            f"rcpt-to={','.join(f'<{r}>' for r in envelope.rcpt_tos)}"
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            stored = await loop.run_in_executor(
+                self._executor, lambda: self._spool.put(data, source=source)
+            )
+        except Exception:
+            log.exception("smtp %s: spooling %d bytes failed", _peer(session), len(data))
+            return "451 4.3.0 try again later"
+        ident = spool_id(stored)
+        log.info("smtp %s: queued %d bytes as %s", _peer(session), len(data), ident)
+        if self._on_message is not None:
+            try:
+                self._on_message()
+            except Exception:
+                log.exception("smtp: on_message callback failed (message %s is spooled)", ident)
+        return f"250 2.0.0 queued as {ident}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("smtp: session error", exc_info=error)
+        return "451 4.3.0 internal error, try again later"
+
+
+def _peer(session: Session) -> str:
+    peer: Any = session.peer
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = f"[{peer[0]}]" if ":" in str(peer[0]) else str(peer[0])
+        return f"{host}:{peer[1]}"
+    return str(peer)
+
+
+@dataclass(frozen=True)
+class _Running:
+    loop: asyncio.AbstractEventLoop
+    server: asyncio.AbstractServer
+    thread: threading.Thread
+    executor: concurrent.futures.ThreadPoolExecutor
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    loop.run_forever()
+
+
+async def _shutdown(server: asyncio.AbstractServer) -> None:
+    """Close the listening socket and cancel every session (they close their transports)."""
+    server.close()
+    current = asyncio.current_task()
+    tasks = [task for task in asyncio.all_tasks() if task is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await server.wait_closed()
+
+
+class SmtpListener:
+    """An SMTP server on ``host:port`` feeding ``spool``, run in a background thread.
+
+    ``accept(address)`` says which ``RCPT TO`` addresses are ours. ``on_message`` is
+    called (from a listener thread) after each message was spooled, to wake the daemon.
+    With ``port=0`` the system picks a free port; after :meth:`start`, ``self.port`` is
+    the bound one. ``hostname`` is the name in the greeting (default: this host's FQDN,
+    looked up once).
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        spool: SpoolLike,
+        accept: Callable[[str], bool],
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        on_message: Callable[[], None] | None = None,
+        hostname: str | None = None,
+    ) -> None:
+        if max_message_bytes <= 0:
+            raise ValueError("max_message_bytes must be positive")
+        self.host = host
+        self.port = port
+        self.max_message_bytes = max_message_bytes
+        self._hostname = hostname
+        self._spool = spool
+        self._accept = accept
+        self._on_message = on_message
+        self._running: _Running | None = None
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        """Bind and start serving; raises :class:`OSError` if the address is unusable."""
+        if self._running is not None:
+            raise RuntimeError("SmtpListener already started")
+        hostname = self._hostname or socket.getfqdn()
+        executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=SPOOL_WORKERS, thread_name_prefix="mailsh-smtp-spool"
+        )
+        handler = _Handler(
+            spool=self._spool, accept=self._accept, on_message=self._on_message, executor=executor
+        )
+        loop = asyncio.new_event_loop()
+
+        def factory() -> SMTP:
+            return SMTP(
+                handler,
+                data_size_limit=self.max_message_bytes,
+                enable_SMTPUTF8=True,
+                decode_data=False,
+                hostname=hostname,
+                ident="mailsh",
+                timeout=SESSION_TIMEOUT,
+                loop=loop,
+            )
+
+        try:
+            server = loop.run_until_complete(
+                loop.create_server(factory, host=self.host or None, port=self.port)
+            )
+        except BaseException:
+            loop.close()
+            executor.shutdown(wait=False)
+            raise
+        self.port = server.sockets[0].getsockname()[1]
+        thread = threading.Thread(
+            target=_run_loop, args=(loop,), name=f"mailsh-smtp-{self.port}", daemon=True
+        )
+        self._running = _Running(loop=loop, server=server, thread=thread, executor=executor)
+        thread.start()
+        log.info("smtp listener on %s port %d", self.host, self.port)
+
+    def stop(self) -> None:
+        """Stop accepting, end open sessions, wait for running spool writes, release all."""
+        running, self._running = self._running, None
+        if running is None:
+            return
+        loop = running.loop
+        try:
+            asyncio.run_coroutine_threadsafe(_shutdown(running.server), loop).result(STOP_TIMEOUT)
+        except Exception:
+            log.exception("smtp listener: unclean shutdown")
+        loop.call_soon_threadsafe(loop.stop)
+        running.thread.join(STOP_TIMEOUT)
+        if not running.thread.is_alive():
+            loop.close()
+        running.executor.shutdown(wait=True)
+        log.info("smtp listener on %s port %d stopped", self.host, self.port)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
