@@ -1,0 +1,489 @@
+"""Run one authorized shell command with bounded time, output and processes (P10).
+
+:func:`run_command` starts ``[shell, "-c", command]`` as the leader of a new session (and
+so of a new process group), with a scrubbed environment, stdin fed from bytes or
+``/dev/null``, stdout and stderr captured separately and each capped. When the wall-clock
+timeout expires, or when the leader exits while other members are still alive, everything
+left in the session is sent SIGTERM, given ``kill_grace`` seconds, then SIGKILL. The call
+never waits forever on a pipe held open by an escaped process: after the kill, pipes are
+drained for at most ``kill_grace`` seconds and then closed. It is safe to call from
+several threads at once (no ``preexec_fn``; limits are applied with ``prlimit(2)``).
+
+What this does NOT contain (THREATS.md "Execution"): session and process-group
+membership is voluntary. A command can leave with ``setsid`` (``setsid cmd &``, or the
+classic daemonizing fork/setsid/fork), after which neither ``killpg`` nor the session
+sweep here can see it: it survives the timeout, keeps running as the target user and may
+keep the output pipes open (they are closed on our side after the grace period; it then
+gets SIGPIPE or EBADF-like errors only if it writes). It can also reach processes that
+are not its descendants at all: anything it can signal or ptrace as that user, ``at``,
+``cron``, ``systemd-run --user`` or an existing ``tmux``/``screen`` server start work in
+*other* sessions on its behalf. Process groups are a cleanup convenience, not a boundary.
+
+For a real boundary run ``mailsh serve`` under a systemd unit (or another cgroup manager)
+and run commands as a dedicated unprivileged user that cannot read the server's home or
+keys: ``KillMode=control-group`` kills every process in the unit's cgroup however it
+detached, ``TasksMax=`` bounds processes via the pids controller (unlike RLIMIT_NPROC it
+counts only this cgroup and cannot be raced), ``MemoryMax=``/``CPUQuota=`` bound the rest,
+``NoNewPrivileges=yes`` stops setuid binaries from regaining privilege, ``PrivateTmp=yes``
+and ``ProtectSystem=strict``/``ProtectHome=`` limit what the command can touch. Per-command
+containment (a transient ``systemd-run --scope``/cgroup per request) is stronger still and
+is left for later.
+
+Linux only: the session sweep reads ``/proc`` and exit detection uses ``pidfd_open(2)``
+(falling back to polling).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pwd
+import resource
+import selectors
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mailsh.errors import ConfigError
+
+__all__ = ["ExecLimits", "ExecResult", "current_user_is_root", "run_command"]
+
+log = logging.getLogger(__name__)
+
+#: The only PATH a command ever sees; nothing is inherited from the server.
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_READ_CHUNK = 65536
+_WRITE_CHUNK = 65536
+_TICK = 0.05  # seconds between liveness checks when no fd is ready
+
+
+@dataclass(frozen=True)
+class ExecLimits:
+    """Bounds for one command (P10).
+
+    ``timeout``: wall-clock seconds before the session is terminated. ``max_output_bytes``:
+    bytes kept per stream (the rest is read and discarded so the command never blocks).
+    ``kill_grace``: seconds between SIGTERM and SIGKILL, and the longest we keep draining
+    pipes held open by processes we could not kill. ``max_processes``: RLIMIT_NPROC for
+    the command (per *user*, not per command; ignored by the kernel for root).
+    """
+
+    timeout: float = 60.0
+    max_output_bytes: int = 1_048_576
+    kill_grace: float = 2.0
+    max_processes: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.timeout > 0:
+            raise ConfigError(f"command timeout must be positive, not {self.timeout!r}")
+        if self.max_output_bytes < 0:
+            raise ConfigError(f"max output bytes must be >= 0, not {self.max_output_bytes!r}")
+        if not self.kill_grace >= 0:
+            raise ConfigError(f"kill grace must be >= 0, not {self.kill_grace!r}")
+        if self.max_processes is not None and self.max_processes < 1:
+            raise ConfigError(f"max processes must be >= 1, not {self.max_processes!r}")
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """What happened to one command.
+
+    Exactly one of ``exit_code`` and ``signal`` is set: the shell's exit status, or the
+    number of the signal that killed it. ``timed_out`` says we killed it. Times are UTC.
+    """
+
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool
+    stdout: bytes
+    stderr: bytes
+    stdout_truncated: bool
+    stderr_truncated: bool
+    started_at: datetime
+    finished_at: datetime
+
+
+def current_user_is_root() -> bool:
+    """True when this process runs with effective uid 0 (callers warn loudly)."""
+    return os.geteuid() == 0
+
+
+@dataclass(frozen=True)
+class _Target:
+    """The account a command runs as, resolved once."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+    shell: str
+    groups: tuple[int, ...]
+    switch: bool  # whether Popen must change uid/gid
+
+
+def _resolve_target(run_as: str | None) -> _Target:
+    if run_as is None:
+        uid, gid = os.geteuid(), os.getegid()
+        try:
+            pw = pwd.getpwuid(uid)
+        except KeyError:  # a uid without a passwd entry (containers)
+            return _Target(str(uid), uid, gid, "/", "/bin/sh", (), switch=False)
+        return _Target(pw.pw_name, uid, gid, pw.pw_dir, pw.pw_shell, (), switch=False)
+    try:
+        pw = pwd.getpwnam(run_as)
+    except KeyError:
+        raise ConfigError(
+            f"cannot run commands as {run_as!r}: no such user",
+            hint=f"create the account (useradd --system {run_as}) or change the run-as user",
+        ) from None
+    groups = tuple(os.getgrouplist(pw.pw_name, pw.pw_gid))
+    switch = (pw.pw_uid, pw.pw_gid) != (os.geteuid(), os.getegid())
+    return _Target(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, pw.pw_shell, groups, switch)
+
+
+def _scrubbed_env(target: _Target) -> dict[str, str]:
+    """The whole environment of a command: fixed values, nothing inherited (no message data)."""
+    return {
+        "PATH": SAFE_PATH,
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "HOME": target.home,
+        "USER": target.name,
+        "LOGNAME": target.name,
+        "SHELL": target.shell,
+    }
+
+
+def _may(st: os.stat_result, target: _Target, bits: int) -> bool:
+    """Classic mode-bit check (ACLs are not consulted) for ``bits`` in r=4 w=2 x=1."""
+    if target.uid == 0:
+        return True
+    if st.st_uid == target.uid:
+        return (st.st_mode >> 6) & bits == bits
+    if st.st_gid in target.groups or st.st_gid == target.gid:
+        return (st.st_mode >> 3) & bits == bits
+    return st.st_mode & bits == bits
+
+
+def _check_cwd(cwd: Path, target: _Target) -> None:
+    """Fail early when ``target`` could not enter and list ``cwd``.
+
+    Popen changes directory *before* dropping privileges, so a root server would happily
+    start a command in a directory its user cannot use; check it as that user would.
+    """
+    path = Path(os.path.abspath(cwd))
+    try:
+        final = path.stat()
+        if not stat.S_ISDIR(final.st_mode):
+            raise ConfigError(f"command directory {path} is not a directory")
+        for parent in reversed(path.parents):
+            if not _may(parent.stat(), target, 1):
+                raise ConfigError(
+                    f"user {target.name} cannot enter {parent} (on the way to {path})",
+                    hint=f"choose a command directory {target.name} can reach, or chmod o+x",
+                )
+        if not _may(final, target, 5):
+            raise ConfigError(
+                f"user {target.name} cannot read and enter the command directory {path}",
+                hint=f"chown {target.name} {path} (or pick another command directory)",
+            )
+    except OSError as exc:
+        raise ConfigError(f"command directory {path} is unusable: {exc.strerror}") from exc
+
+
+def _apply_limits(pid: int, limits: ExecLimits) -> None:
+    """Lower RLIMIT_CORE (and RLIMIT_NPROC) of the freshly started shell.
+
+    Why prlimit(2) after spawn: ``preexec_fn`` runs Python between fork and exec, which
+    can deadlock when other threads hold locks (run_command runs in worker threads), and
+    changing our own limits before spawning would leak into every thread's children. The
+    gap: the shell has already exec'd when this runs, so whatever it does in those first
+    microseconds (typically nothing: bash is still starting up) runs with the server's
+    limits, and a process forked in that window keeps them along with its own children
+    (rlimits are copied at fork). RLIMIT_NPROC also counts *all* processes of the user,
+    including other commands running as the same user, and root ignores it. Use a cgroup
+    (systemd ``TasksMax=``) for a bound that cannot be raced; see the module docstring.
+    """
+    wanted = [(resource.RLIMIT_CORE, 0)]
+    if limits.max_processes is not None:
+        wanted.append((resource.RLIMIT_NPROC, limits.max_processes))
+    for which, value in wanted:
+        try:
+            resource.prlimit(pid, which, (value, value))
+        except ProcessLookupError:  # already gone: nothing left to limit
+            return
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, pgrp, session) of ``pid`` from /proc, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    return fields[0].decode(), int(fields[2]), int(fields[3])
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live (non-zombie) processes whose session or process group is ``sid``."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        info = _proc_stat(int(entry.name))
+        if info and info[0] not in ("Z", "X") and sid in (info[1], info[2]):
+            members.append(int(entry.name))
+    return members
+
+
+def _signal_session(sid: int, sig: signal.Signals) -> None:
+    """Send ``sig`` to the process group ``sid`` and to every process in session ``sid``.
+
+    Only call while the leader is unreaped: its pid cannot be reused until then, so the
+    group and session ids are still ours. Members that moved to another group inside the
+    session (``set -m`` job control) are signalled through a pidfd, after re-checking
+    their session, so a recycled pid is never hit.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(sid, sig)
+    for pid in _session_members(sid):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        try:
+            info = _proc_stat(pid)
+            if info and info[2] == sid:
+                signal.pidfd_send_signal(pidfd, sig)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(pidfd)
+
+
+class _Pump:
+    """Feeds stdin and drains stdout/stderr of one process without blocking on any."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], stdin: bytes | None, cap: int) -> None:
+        self.proc = proc
+        self.cap = cap
+        self.sel = selectors.DefaultSelector()
+        self.out: dict[int, bytearray] = {}
+        self.truncated: dict[int, bool] = {}
+        self.out_open: set[int] = set()
+        self.stdin_view = memoryview(stdin or b"")
+        self.pidfd: int | None = None
+        self.exited = False
+        for stream in (proc.stdout, proc.stderr):
+            if stream is None:
+                raise TypeError("stdout and stderr must be pipes")
+            fd = stream.fileno()
+            os.set_blocking(fd, False)
+            self.out[fd] = bytearray()
+            self.truncated[fd] = False
+            self.out_open.add(fd)
+            self.sel.register(fd, selectors.EVENT_READ, "out")
+        self.fds = tuple(self.out)
+        if proc.stdin is not None:
+            fd = proc.stdin.fileno()
+            os.set_blocking(fd, False)
+            self.sel.register(fd, selectors.EVENT_WRITE, "in")
+        try:
+            self.pidfd = os.pidfd_open(proc.pid)
+            self.sel.register(self.pidfd, selectors.EVENT_READ, "exit")
+        except OSError:  # old kernel: poll with waitid instead
+            self.pidfd = None
+
+    def leader_exited(self) -> bool:
+        """Whether the leader has exited, without reaping it (its pid stays reserved)."""
+        if not self.exited:
+            flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+            self.exited = os.waitid(os.P_PID, self.proc.pid, flags) is not None
+        return self.exited
+
+    def pipes_open(self) -> bool:
+        return self.fds[0] in self.out_open or self.fds[1] in self.out_open
+
+    def run(self, until: float, stop: Callable[[], bool]) -> None:
+        """Feed and drain until ``stop()`` is true or the monotonic clock reaches ``until``."""
+        while not stop():
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
+            if not self.sel.get_map():  # nothing to watch (no pidfd): poll the predicate
+                time.sleep(min(remaining, _TICK))
+                continue
+            for key, _ in self.sel.select(min(remaining, _TICK)):
+                if key.data == "out":
+                    self._read(key.fd)
+                elif key.data == "in":
+                    self._write(key.fd)
+                else:  # the pidfd stays readable once the leader exited: stop watching it
+                    self._drop(key.fd)
+
+    def _read(self, fd: int) -> None:
+        try:
+            chunk = os.read(fd, _READ_CHUNK)
+        except BlockingIOError:
+            return
+        if not chunk:
+            self._drop(fd)
+            return
+        buf = self.out[fd]
+        room = self.cap - len(buf)
+        if len(chunk) > room:
+            self.truncated[fd] = True
+            chunk = chunk[: max(room, 0)]
+        buf += chunk
+
+    def _write(self, fd: int) -> None:
+        try:
+            written = os.write(fd, self.stdin_view[:_WRITE_CHUNK])
+        except BlockingIOError:
+            return
+        except (BrokenPipeError, ConnectionResetError):  # it stopped reading: fine
+            written = len(self.stdin_view)
+        self.stdin_view = self.stdin_view[written:]
+        if not self.stdin_view:
+            self.close_stdin()
+
+    def close_stdin(self) -> None:
+        stdin = self.proc.stdin
+        if stdin is not None and not stdin.closed:
+            with contextlib.suppress(KeyError):
+                self.sel.unregister(stdin.fileno())
+            with contextlib.suppress(BrokenPipeError):
+                stdin.close()
+
+    def _drop(self, fd: int) -> None:
+        self.out_open.discard(fd)
+        with contextlib.suppress(KeyError):
+            self.sel.unregister(fd)
+
+    def close(self) -> None:
+        self.close_stdin()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        self.sel.close()
+
+    def stream(self, index: int) -> tuple[bytes, bool]:
+        fd = self.fds[index]
+        return bytes(self.out[fd]), self.truncated[fd]
+
+
+def _spawn(
+    argv: list[str], *, stdin: bytes | None, cwd: Path, target: _Target
+) -> subprocess.Popen[bytes]:
+    switch = target.switch
+    try:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env=_scrubbed_env(target),
+            start_new_session=True,
+            close_fds=True,
+            user=target.uid if switch else None,
+            group=target.gid if switch else None,
+            extra_groups=list(target.groups) if switch else None,
+        )
+    except OSError as exc:
+        hint = None
+        if switch and not current_user_is_root():
+            hint = "only root can run commands as another user: drop the run-as setting"
+        raise ConfigError(
+            f"cannot start {argv[0]} as {target.name} in {cwd}: {exc}", hint=hint
+        ) from exc
+
+
+def _stop_session(pump: _Pump, sid: int, grace: float) -> None:
+    """TERM everything left in the session, wait up to ``grace`` while draining, then KILL."""
+    if not _session_members(sid):
+        return
+    _signal_session(sid, signal.SIGTERM)
+    last = 0.0
+
+    def all_gone() -> bool:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < _TICK:
+            return False
+        last = now
+        return not _session_members(sid)
+
+    pump.run(time.monotonic() + grace, all_gone)
+    for _ in range(50):  # a fork racing the sweep is caught on the next round
+        if not _session_members(sid):
+            return
+        _signal_session(sid, signal.SIGKILL)
+        time.sleep(0.02)
+    log.warning("processes of session %d survived SIGKILL", sid)
+
+
+def run_command(
+    command: str,
+    *,
+    stdin: bytes | None,
+    limits: ExecLimits,
+    cwd: Path,
+    run_as: str | None = None,
+    shell: str = "/bin/bash",
+) -> ExecResult:
+    """Run ``[shell, "-c", command]`` within ``limits`` and return what happened.
+
+    ``stdin`` bytes are fed to the command (``None``: it reads ``/dev/null``). The command
+    runs as ``run_as`` (resolved with pwd, with that user's supplementary groups) or as
+    this process's user, in ``cwd``, with only the environment of :func:`_scrubbed_env`.
+    Raises :class:`~mailsh.errors.ConfigError` when the user, directory or shell is
+    unusable; the command's own failures are reported in the result, never raised.
+    """
+    target = _resolve_target(run_as)
+    _check_cwd(cwd, target)
+    started_at = datetime.now(UTC)
+    deadline = time.monotonic() + limits.timeout
+    proc = _spawn([shell, "-c", command], stdin=stdin, cwd=cwd, target=target)
+    sid = proc.pid  # start_new_session: the leader's pid is its session and group id
+    pump = _Pump(proc, stdin, limits.max_output_bytes)
+    try:
+        _apply_limits(proc.pid, limits)
+        pump.run(deadline, pump.leader_exited)
+        timed_out = not pump.leader_exited()
+        if timed_out:
+            log.info("command in session %d timed out after %ss", sid, limits.timeout)
+        pump.close_stdin()
+        _stop_session(pump, sid, limits.kill_grace)
+        returncode = proc.wait()  # after every killpg: the pid may be reused once reaped
+        # Only escaped processes can hold the pipes now; do not wait for them forever.
+        pump.run(time.monotonic() + limits.kill_grace, lambda: not pump.pipes_open())
+    finally:
+        if proc.returncode is None:  # an exception above: never leave the session behind
+            _signal_session(sid, signal.SIGKILL)
+            proc.wait()
+        pump.close()
+    stdout, stdout_truncated = pump.stream(0)
+    stderr, stderr_truncated = pump.stream(1)
+    return ExecResult(
+        exit_code=returncode if returncode >= 0 else None,
+        signal=-returncode if returncode < 0 else None,
+        timed_out=timed_out,
+        stdout=stdout,
+        stderr=stderr,
+        stdout_truncated=stdout_truncated,
+        stderr_truncated=stderr_truncated,
+        started_at=started_at,
+        finished_at=datetime.now(UTC),
+    )
