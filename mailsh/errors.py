@@ -65,7 +65,7 @@ class GpgError(MailshError):
     """GnuPG failed to do something it should have done."""
 
 
-class KeyError_(MailshError):  # noqa: N801 - avoid shadowing the builtin KeyError
+class IdentityError(MailshError):
     """Identity / key problems: no identity yet, identity exists, bad key file."""
 
 
@@ -89,7 +89,7 @@ class TransportError(MailshError):
     """Sending or receiving mail failed (SMTP, sendmail, IMAP, mailbox files)."""
 
 
-class TimeoutError_(MailshError):  # noqa: N801 - avoid shadowing the builtin TimeoutError
+class WaitTimeoutError(MailshError):
     """Waiting for something (a reply) took longer than allowed."""
 
 
@@ -97,7 +97,7 @@ class StateError(MailshError):
     """The state database is unusable."""
 
 
-class DeliveryTempFail(MailshError):
+class DeliveryTempFailError(MailshError):
     """``mailsh deliver`` could not make a message durable; the MTA must retry."""
 
     exit_code = ExitCode.TEMPFAIL

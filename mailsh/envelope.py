@@ -1,0 +1,261 @@
+"""Sealing and opening mailsh mails: protocol + mail format + GnuPG, glued in one place.
+
+``open_request`` is the only way the server turns a received mail into something that
+may run. It raises :class:`ProtocolError` for anything not authenticated (the server
+discards those silently: no backscatter, no oracle) and :class:`AuthenticatedRejectionError`
+for a message whose signature is good but which must not run (the signer is told why).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from mailsh import protocol
+from mailsh.errors import ProtocolError
+from mailsh.keys.crypto import VerifiedPayload, seal, verify
+from mailsh.keys.gpg import Gpg
+from mailsh.keys.trust import TrustStore
+from mailsh.mailfmt import IncomingMail, build_reply_mail, build_request_mail, read_mail
+from mailsh.protocol import Reply, Request
+
+REPLY_MAX_AGE = timedelta(days=30)
+_SEAL = object()
+
+
+class AuthenticatedRejectionError(ProtocolError):
+    """A pinned key signed this message, but it must not run. The signer is told."""
+
+    def __init__(
+        self,
+        error: ProtocolError,
+        *,
+        verified: VerifiedPayload,
+        request_id: str | None,
+        mail: IncomingMail,
+    ) -> None:
+        super().__init__(error.reason, error.message, hint=error.hint)
+        self.verified = verified
+        self.request_id = request_id
+        self.mail = mail
+        self.payload_sha256 = hashlib.sha256(verified.plaintext).hexdigest()
+
+
+@dataclass(frozen=True)
+class SealedRequest:
+    request: Request
+    payload_sha256: str
+    mail: bytes
+    message_id: str
+
+
+@dataclass(frozen=True)
+class VerifiedRequest:
+    """A request that passed every check. Only :func:`open_request` builds one."""
+
+    signer: str
+    signature_id: str | None
+    signed_at: datetime
+    encrypted: bool
+    payload_sha256: str
+    request_id: str
+    command: str
+    stdin: bytes | None
+    timeout: float | None
+    max_output_bytes: int | None
+    plain_script: bool  # the seed's form: a signed script, no JSON envelope
+    message_id: str | None
+    _seal: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self._seal is not _SEAL:
+            raise TypeError("VerifiedRequest is only built by mailsh.envelope.open_request")
+
+
+def seal_request(
+    gpg: Gpg,
+    request: Request,
+    *,
+    signer: str,
+    recipient: str | None,
+    from_addr: str,
+    passphrase: str | None,
+) -> SealedRequest:
+    payload = protocol.encode_payload(request)
+    armored = seal(gpg, payload, signer=signer, recipient=recipient, passphrase=passphrase)
+    mail, message_id = build_request_mail(
+        uu_block=protocol.uuencode(armored),
+        from_addr=from_addr,
+        to_addr=request.audience.address,
+        request_id=request.request_id,
+    )
+    return SealedRequest(
+        request=request,
+        payload_sha256=hashlib.sha256(payload).hexdigest(),
+        mail=mail,
+        message_id=message_id,
+    )
+
+
+def open_request(
+    gpg: Gpg,
+    raw: bytes,
+    *,
+    trust: TrustStore,
+    server_addresses: list[str],
+    server_fingerprint: str | None,
+    now: datetime,
+    max_skew: timedelta,
+    max_age: timedelta,
+    max_bytes: int,
+    require_encrypted: bool = False,
+    passphrase: str | None = None,
+) -> VerifiedRequest:
+    mail = read_mail(raw, max_bytes=max_bytes)
+    armored = protocol.extract_armor(protocol.extract_uu(mail.body, max_bytes=max_bytes))
+    verified = verify(
+        gpg,
+        armored,
+        is_pinned=trust.is_pinned,
+        now=now,
+        max_age=max_age,
+        max_skew=max_skew,
+        require_encrypted=require_encrypted,
+        passphrase=passphrase,
+    )
+    # From here on the signer is authenticated: failures are reported to it.
+    entry = trust.get(verified.signer)
+    if entry is None:  # verify() checked the pin; the store cannot change in between
+        raise ProtocolError("signer-not-pinned", "signer vanished from the trust store")
+    sha = hashlib.sha256(verified.plaintext).hexdigest()
+    if not verified.plaintext.lstrip().startswith(b"{"):
+        if not entry.allow_plain_scripts:
+            raise AuthenticatedRejectionError(
+                ProtocolError(
+                    "plain-script-not-allowed",
+                    "this key may not send plain signed scripts",
+                    hint="on the server: mailsh trust add KEY --allow-plain-scripts",
+                ),
+                verified=verified,
+                request_id=None,
+                mail=mail,
+            )
+        if verified.signature_id is None:
+            raise AuthenticatedRejectionError(
+                ProtocolError("no-signature-id", "plain script without a signature id"),
+                verified=verified,
+                request_id=None,
+                mail=mail,
+            )
+        try:
+            script = verified.plaintext.decode("utf-8")
+            if "\x00" in script:
+                raise ValueError("NUL")
+        except ValueError as exc:
+            raise AuthenticatedRejectionError(
+                ProtocolError("malformed-payload", "the script is not NUL-free UTF-8 text"),
+                verified=verified,
+                request_id=None,
+                mail=mail,
+            ) from exc
+        return VerifiedRequest(
+            signer=verified.signer,
+            signature_id=verified.signature_id,
+            signed_at=verified.signed_at,
+            encrypted=verified.encrypted,
+            payload_sha256=sha,
+            request_id=hashlib.sha256(verified.signature_id.encode()).hexdigest()[:32],
+            command=script,
+            stdin=None,
+            timeout=None,
+            max_output_bytes=None,
+            plain_script=True,
+            message_id=mail.message_id,
+            _seal=_SEAL,
+        )
+    request_id: str | None = None
+    try:
+        request = protocol.parse_request(verified.plaintext)
+        request_id = request.request_id
+        protocol.check_request(
+            request,
+            signed_at=verified.signed_at,
+            server_addresses=server_addresses,
+            server_fingerprint=server_fingerprint,
+            now=now,
+            max_skew=max_skew,
+            max_age=max_age,
+        )
+    except ProtocolError as exc:
+        raise AuthenticatedRejectionError(
+            exc, verified=verified, request_id=request_id, mail=mail
+        ) from exc
+    return VerifiedRequest(
+        signer=verified.signer,
+        signature_id=verified.signature_id,
+        signed_at=verified.signed_at,
+        encrypted=verified.encrypted,
+        payload_sha256=sha,
+        request_id=request.request_id,
+        command=request.command,
+        stdin=request.stdin,
+        timeout=request.timeout,
+        max_output_bytes=request.max_output_bytes,
+        plain_script=False,
+        message_id=mail.message_id,
+        _seal=_SEAL,
+    )
+
+
+def seal_reply(
+    gpg: Gpg,
+    reply: Reply,
+    *,
+    signer: str,
+    recipient: str,
+    to_addr: str,
+    in_reply_to: str | None,
+    passphrase: str | None,
+) -> bytes:
+    payload = protocol.encode_payload(reply)
+    armored = seal(gpg, payload, signer=signer, recipient=recipient, passphrase=passphrase)
+    return build_reply_mail(
+        armored=armored,
+        from_addr=reply.server,
+        to_addr=to_addr,
+        request_id=reply.request_id,
+        status=reply.status.value,
+        exit_code=reply.exit_code,
+        in_reply_to=in_reply_to,
+    )
+
+
+def open_reply(
+    gpg: Gpg,
+    raw: bytes,
+    *,
+    trust: TrustStore,
+    server_fingerprint: str,
+    request_id: str,
+    request_sha256: str,
+    now: datetime,
+    max_bytes: int,
+    passphrase: str | None = None,
+) -> Reply:
+    """The reply to exactly this request, signed by exactly this server; else raise."""
+    mail = read_mail(raw, max_bytes=max_bytes)
+    armored = protocol.extract_armor(mail.body)
+    verified = verify(
+        gpg,
+        armored,
+        is_pinned=lambda fpr: fpr == server_fingerprint and trust.is_pinned(fpr),
+        now=now,
+        max_age=REPLY_MAX_AGE,
+        max_skew=timedelta(minutes=10),
+        passphrase=passphrase,
+    )
+    reply = protocol.parse_reply(verified.plaintext)
+    if reply.request_sha256 != request_sha256 or reply.request_id not in (None, request_id):
+        raise ProtocolError("not-our-reply", "reply answers another request")
+    return reply

@@ -1,0 +1,191 @@
+"""The trust store: the single source of authorization.
+
+A versioned JSON file (``trust.json`` in the home) listing pinned **primary** key
+fingerprints with the address replies to that key go to. gpg's own trust levels, keyring
+contents and mail headers never authorize anything (THREATS.md P2). Written atomically
+(temp file, fsync, rename, fsync directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mailsh.errors import IdentityError, TrustError
+from mailsh.keys.gpg import Gpg
+from mailsh.keys.identity import EMAIL_RE
+
+TRUST_FORMAT = "mailsh.trust.v1"
+MAX_KEY_FILE_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    fingerprint: str
+    reply_to: str
+    uids: tuple[str, ...]
+    added_at: str
+    allow_plain_scripts: bool = False
+
+
+@dataclass(frozen=True)
+class TrustStore:
+    keys: tuple[TrustedKey, ...] = field(default_factory=tuple)
+
+    def get(self, fingerprint: str) -> TrustedKey | None:
+        fpr = fingerprint.upper()
+        for key in self.keys:
+            if key.fingerprint == fpr:
+                return key
+        return None
+
+    def is_pinned(self, fingerprint: str) -> bool:
+        return self.get(fingerprint) is not None
+
+    def for_address(self, address: str) -> TrustedKey | None:
+        """The pinned key whose reply address (or user-id email) is ``address``."""
+        wanted = address.strip().lower()
+        for key in self.keys:
+            if key.reply_to.lower() == wanted:
+                return key
+        for key in self.keys:
+            for uid in key.uids:
+                match = EMAIL_RE.search(uid)
+                if match and match.group(1).lower() == wanted:
+                    return key
+        return None
+
+
+def load_trust(path: Path) -> TrustStore:
+    if not path.exists():
+        return TrustStore()
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TrustError(
+            f"cannot read the trust store {path}: {exc}",
+            hint=f"restore {path} from a backup, or move it away and re-run mailsh trust add",
+        ) from exc
+    if not isinstance(doc, dict) or doc.get("format") != TRUST_FORMAT:
+        raise TrustError(
+            f"{path} is not a {TRUST_FORMAT} trust store",
+            hint="it was written by another mailsh version; upgrade mailsh",
+        )
+    try:
+        keys = tuple(
+            TrustedKey(
+                fingerprint=str(k["fingerprint"]).upper(),
+                reply_to=str(k["reply_to"]),
+                uids=tuple(str(u) for u in k.get("uids", ())),
+                added_at=str(k.get("added_at", "")),
+                allow_plain_scripts=bool(k.get("allow_plain_scripts", False)),
+            )
+            for k in doc.get("keys", [])
+        )
+    except (KeyError, TypeError) as exc:
+        raise TrustError(f"{path} is damaged: {exc}", hint=f"inspect {path}") from exc
+    return TrustStore(keys=keys)
+
+
+def save_trust(path: Path, store: TrustStore) -> None:
+    doc = {"format": TRUST_FORMAT, "keys": [asdict(k) for k in store.keys]}
+    data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+    fd, tmp = tempfile.mkstemp(prefix=".trust.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def add_trusted_key(
+    gpg: Gpg,
+    path: Path,
+    key_file: Path,
+    *,
+    reply_to: str | None,
+    allow_plain_scripts: bool = False,
+) -> TrustedKey:
+    """Import exactly the one public key in ``key_file`` and pin its primary fingerprint."""
+    try:
+        if key_file.stat().st_size > MAX_KEY_FILE_BYTES:
+            raise IdentityError(f"{key_file} is too large for a public key file")
+        data = key_file.read_bytes()
+    except OSError as exc:
+        raise IdentityError(
+            f"cannot read {key_file}: {exc.strerror}",
+            hint="give the path of an exported public key (mailsh keys export)",
+        ) from exc
+    scanned = gpg.raw.scan_keys_mem(data.decode("utf-8", errors="replace"))
+    secret = [k for k in scanned if k.get("type") == "sec"]
+    if secret:
+        raise IdentityError(
+            f"{key_file} contains a SECRET key; never share or import secret keys here",
+            hint="on the key's owner: mailsh keys export --output key.asc, then trust that",
+        )
+    public = [k for k in scanned if k.get("type") == "pub"]
+    if len(public) != 1:
+        raise IdentityError(
+            f"{key_file} holds {len(public)} public keys; trust add takes exactly one",
+            hint="export a single key (mailsh keys export) and trust that file",
+        )
+    fingerprint = str(public[0]["fingerprint"]).upper()
+    result = gpg.raw.import_keys(data.decode("utf-8", errors="replace"))
+    imported = {str(r.get("fingerprint", "")).upper() for r in result.results}
+    if fingerprint not in imported:
+        raise IdentityError(
+            f"gpg did not import key {fingerprint} from {key_file}",
+            hint="check the file with: gpg --show-keys " + str(key_file),
+        )
+    uids = tuple(str(u) for u in public[0].get("uids", ()))
+    if reply_to is None:
+        for uid in uids:
+            match = EMAIL_RE.search(uid)
+            if match:
+                reply_to = match.group(1)
+                break
+    if reply_to is None:
+        raise IdentityError(
+            f"key {fingerprint} has no email address in its user ids",
+            hint=f"mailsh trust add {key_file} --reply-to ADDRESS",
+        )
+    from mailsh.addresses import validate_address
+
+    reply_to = validate_address(reply_to)
+    entry = TrustedKey(
+        fingerprint=fingerprint,
+        reply_to=reply_to,
+        uids=uids,
+        added_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        allow_plain_scripts=allow_plain_scripts,
+    )
+    store = load_trust(path)
+    kept = tuple(k for k in store.keys if k.fingerprint != fingerprint)
+    save_trust(path, replace(store, keys=(*kept, entry)))
+    return entry
+
+
+def remove_trusted_key(path: Path, fingerprint: str) -> TrustedKey:
+    store = load_trust(path)
+    entry = store.get(fingerprint.replace(" ", ""))
+    if entry is None:
+        raise TrustError(
+            f"{fingerprint} is not in the trust store",
+            hint="mailsh trust list   (shows the pinned fingerprints)",
+        )
+    save_trust(path, replace(store, keys=tuple(k for k in store.keys if k is not entry)))
+    return entry
