@@ -1,0 +1,94 @@
+"""Shared fixtures: throwaway identities with freshly generated keys.
+
+No key material is committed: every test session generates its own keys in short
+temporary paths (gpg-agent socket paths must stay under 108 bytes) and stops the
+agents it started.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mailsh.keys.gpg import Gpg
+from mailsh.keys.identity import Identity, export_public, generate
+from mailsh.settings import Settings, ensure_home, load_settings
+
+
+@dataclass
+class Home:
+    """One mailsh home with an identity: what a user gets after `mailsh keygen`."""
+
+    settings: Settings
+    gpg: Gpg
+    identity: Identity
+    email: str
+    pubkey: Path  # the exported public key file
+
+    @property
+    def path(self) -> Path:
+        return self.settings.home
+
+    @property
+    def fingerprint(self) -> str:
+        return self.identity.fingerprint
+
+
+@pytest.fixture(scope="session")
+def _short_tmp() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="msh.", dir="/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def make_home(_short_tmp: Path) -> Iterator[Callable[..., Home]]:
+    """Factory: ``make_home("alice@example.org")`` -> a Home with a fresh ed25519 key."""
+    made: list[Gpg] = []
+    counter = iter(range(10_000))
+
+    def factory(email: str, *, expire: str = "2y", **settings: object) -> Home:
+        home_dir = _short_tmp / f"h{next(counter)}"
+        s = load_settings(home=home_dir, **settings)
+        ensure_home(s)
+        gpg = Gpg(s.gnupg_home, max_output=s.max_gpg_output)
+        made.append(gpg)
+        identity = generate(
+            gpg,
+            email=email,
+            name=email.split("@", maxsplit=1)[0],
+            algo="ed25519",
+            expire=expire,
+            passphrase=s.passphrase(),
+            force=False,
+        )
+        pubkey = home_dir / "public.asc"
+        pubkey.write_text(export_public(gpg, identity.fingerprint), encoding="utf-8")
+        return Home(settings=s, gpg=gpg, identity=identity, email=email, pubkey=pubkey)
+
+    yield factory
+    for gpg in made:
+        gpg.kill_agent()
+
+
+@pytest.fixture(scope="session")
+def alice(make_home: Callable[..., Home]) -> Home:
+    """The operator (client side). Session-scoped: key generation is the slow part."""
+    return make_home("alice@example.org")
+
+
+@pytest.fixture(scope="session")
+def server(make_home: Callable[..., Home]) -> Home:
+    """The server identity (root@server.test)."""
+    return make_home("root@server.test", address="root@server.test")
+
+
+@pytest.fixture(scope="session")
+def mallory(make_home: Callable[..., Home]) -> Home:
+    """An attacker with a perfectly good key that nobody pinned."""
+    return make_home("mallory@evil.test")
