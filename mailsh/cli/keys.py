@@ -1,109 +1,15 @@
-"""The ``mailsh`` command: a typer app and nothing else.
-
-Each command parses its options, builds :class:`~mailsh.settings.Settings`, calls the
-library, and renders the result. Errors are caught in exactly one place, :func:`main`,
-which maps them to :class:`~mailsh.errors.ExitCode`. Heavy modules (pydantic, gnupg,
-asyncio) are imported inside commands so ``mailsh --help`` stays fast.
-"""
+"""``mailsh keygen``, ``mailsh keys ...`` and ``mailsh trust ...``."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
-from mailsh.errors import ExitCode, MailshError
-
-if TYPE_CHECKING:
-    from rich.console import Console
-
-    from mailsh.settings import Settings
-
-EXIT_CODES_HELP = (
-    "Exit codes: 0 success; 2 usage error; 75 (deliver) temporary failure, the MTA retries; "
-    "255 mailsh itself failed; wait-reply and send --wait pass the remote command's status "
-    "through (128+N when killed by signal N), like ssh."
-)
-
-app = typer.Typer(
-    name="mailsh",
-    help="Remote shell by email: signed commands in, signed and encrypted results out.\n\n"
-    + EXIT_CODES_HELP,
-    no_args_is_help=True,
-    pretty_exceptions_show_locals=False,
-    add_completion=False,
-    rich_markup_mode=None,
-)
-keys_app = typer.Typer(help="Show or export this home's own key.", no_args_is_help=True)
-trust_app = typer.Typer(
-    help="Pin the keys allowed to talk to this home (the only source of authorization).",
-    no_args_is_help=True,
-)
-app.add_typer(keys_app, name="keys")
-app.add_typer(trust_app, name="trust")
-
-
-class _Global:
-    home: Path | None = None
-    debug: bool = False
-
-
-def _err() -> Console:
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-def _say(text: str) -> None:
-    """A diagnostic line on stderr (never stdout: stdout carries data)."""
-    _err().print(text, markup=False)
-
-
-def _settings(**flags: Any) -> Settings:
-    from mailsh.settings import ensure_home, load_settings
-
-    settings = load_settings(home=_Global.home, **flags)
-    ensure_home(settings)
-    return settings
-
-
-HomeOpt = Annotated[
-    Optional[Path],  # noqa: UP045 - typer needs Optional at runtime on 3.11
-    typer.Option(
-        "--home",
-        envvar="MAILSH_HOME",
-        help="State directory of this identity (keys, trust store, state).",
-        show_default="~/.local/share/mailsh",
-    ),
-]
-
-
-@app.callback()
-def _main(
-    home: HomeOpt = None,
-    debug: Annotated[
-        bool, typer.Option("--debug", envvar="MAILSH_DEBUG", help="Show tracebacks.")
-    ] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
-) -> None:
-    if version:
-        from mailsh import __version__
-
-        typer.echo(f"mailsh {__version__}")
-        raise typer.Exit(0)
-    _Global.home = home
-    _Global.debug = debug
-
+from mailsh.cli import app, gpg_for, keys_app, say, settings_from, trust_app, usage_error
 
 # -- keys -----------------------------------------------------------------------------
-
-
-def _gpg(settings: Settings) -> Any:
-    from mailsh.keys.gpg import Gpg
-
-    return Gpg(settings.gnupg_home, binary=settings.gpg_binary, max_output=settings.max_gpg_output)
 
 
 @app.command()
@@ -142,14 +48,14 @@ def keygen(
     from mailsh.keys import identity as ident
 
     if algo not in ("ed25519", "rsa3072", "rsa4096"):
-        raise _usage(f"unknown --algo {algo!r}", "use ed25519, rsa3072 or rsa4096")
+        raise usage_error(f"unknown --algo {algo!r}", "use ed25519, rsa3072 or rsa4096")
     email = validate_address(email)
-    settings = _settings(passphrase_file=passphrase_file)
+    settings = settings_from(passphrase_file=passphrase_file)
     passphrase = settings.passphrase()
-    gpg = _gpg(settings)
+    gpg = gpg_for(settings)
     if passphrase is None:
-        _say("note: no --passphrase-file, so the secret key is stored unprotected in the home")
-    _say(f"generating an {algo} key for {email} ...")
+        say("note: no --passphrase-file, so the secret key is stored unprotected in the home")
+    say(f"generating an {algo} key for {email} ...")
     identity = ident.generate(
         gpg,
         email=email,
@@ -162,7 +68,7 @@ def keygen(
     target = output or Path(f"{email}.asc")
     target.write_text(ident.export_public(gpg, identity.fingerprint), encoding="utf-8")
     typer.echo(identity.fingerprint)
-    _say(f"public key written to {target}; on the other side run: mailsh trust add {target}")
+    say(f"public key written to {target}; on the other side run: mailsh trust add {target}")
 
 
 @keys_app.command("show")
@@ -172,7 +78,7 @@ def keys_show(
     """Show this home's identity (fingerprint, user ids, expiry)."""
     from mailsh.keys.identity import require_identity
 
-    identity = require_identity(_gpg(_settings()))
+    identity = require_identity(gpg_for(settings_from()))
     if json_out:
         import json
 
@@ -200,13 +106,13 @@ def keys_export(
     """Export this home's public key (armored) for the other side's `mailsh trust add`."""
     from mailsh.keys.identity import export_public, require_identity
 
-    gpg = _gpg(_settings())
+    gpg = gpg_for(settings_from())
     armored = export_public(gpg, require_identity(gpg).fingerprint)
     if output is None:
         typer.echo(armored, nl=False)
     else:
         output.write_text(armored, encoding="utf-8")
-        _say(f"public key written to {output}")
+        say(f"public key written to {output}")
 
 
 # -- trust ----------------------------------------------------------------------------
@@ -231,9 +137,9 @@ def trust_add(
     """Import exactly one public key and pin its primary fingerprint."""
     from mailsh.keys.trust import add_trusted_key
 
-    settings = _settings()
+    settings = settings_from()
     entry = add_trusted_key(
-        _gpg(settings),
+        gpg_for(settings),
         settings.trust_file,
         key_file,
         reply_to=reply_to,
@@ -241,10 +147,10 @@ def trust_add(
     )
     typer.echo(entry.fingerprint)
     for uid in entry.uids:
-        _say(f"  uid {uid}")
-    _say(f"  replies go to {entry.reply_to}")
+        say(f"  uid {uid}")
+    say(f"  replies go to {entry.reply_to}")
     if allow_plain_scripts:
-        _say("  plain signed scripts allowed (no audience binding: see docs/protocol.md)")
+        say("  plain signed scripts allowed (no audience binding: see docs/protocol.md)")
 
 
 @trust_app.command("list")
@@ -256,14 +162,14 @@ def trust_list(
 
     from mailsh.keys.trust import load_trust
 
-    store = load_trust(_settings().trust_file)
+    store = load_trust(settings_from().trust_file)
     if json_out:
         import json
 
         typer.echo(json.dumps([asdict(k) for k in store.keys], indent=2))
         return
     if not store.keys:
-        _say("no trusted keys yet; add one with: mailsh trust add KEYFILE.asc")
+        say("no trusted keys yet; add one with: mailsh trust add KEYFILE.asc")
     for key in store.keys:
         flags = " plain-scripts" if key.allow_plain_scripts else ""
         typer.echo(f"{key.fingerprint}  {key.reply_to}{flags}")
@@ -276,36 +182,5 @@ def trust_remove(
     """Unpin a key: it no longer authorizes anything."""
     from mailsh.keys.trust import remove_trusted_key
 
-    entry = remove_trusted_key(_settings().trust_file, fingerprint)
-    _say(f"removed {entry.fingerprint} ({entry.reply_to})")
-
-
-# -- error funnel ---------------------------------------------------------------------
-
-
-def _usage(message: str, hint: str) -> MailshError:
-    from mailsh.errors import UsageError
-
-    return UsageError(message, hint=hint)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app, map every expected failure to one exit code.
-
-    typer/click handle usage errors themselves (exit 2) and exit via SystemExit;
-    MailshError propagates out of the app and is rendered here, and only here.
-    """
-    try:
-        app(args=argv, prog_name="mailsh")
-    except MailshError as exc:
-        if _Global.debug:
-            import traceback
-
-            traceback.print_exc()
-        _say(f"mailsh: {exc.message}")
-        if exc.hint:
-            _say(f"  next: {exc.hint}")
-        sys.exit(int(exc.exit_code))
-    except KeyboardInterrupt:
-        _say("mailsh: interrupted")
-        sys.exit(int(ExitCode.FAILURE))
+    entry = remove_trusted_key(settings_from().trust_file, fingerprint)
+    say(f"removed {entry.fingerprint} ({entry.reply_to})")

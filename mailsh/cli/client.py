@@ -1,0 +1,3 @@
+"""``mailsh`` client commands."""
+
+from __future__ import annotations

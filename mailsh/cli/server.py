@@ -1,0 +1,3 @@
+"""``mailsh`` server commands."""
+
+from __future__ import annotations
