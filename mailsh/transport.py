@@ -228,15 +228,25 @@ def send_smtp(
             f"cannot load CA file {str(options.ca_file)!r}: {_one_line(str(exc))}",
             hint="--ca-file must name a PEM file of CA certificates",
         ) from exc
-    client: smtplib.SMTP
-    if target.implicit_tls:
-        client = smtplib.SMTP_SSL(
-            local_hostname=options.local_hostname, timeout=options.timeout, context=context
-        )
-    else:
-        client = smtplib.SMTP(local_hostname=options.local_hostname, timeout=options.timeout)
+    client: smtplib.SMTP | None = None
     try:
-        client.connect(target.host, target.port)
+        # Host given to the constructor (which connects): smtplib only remembers it for
+        # TLS host name checks then; connect() alone leaves server_hostname empty.
+        if target.implicit_tls:
+            client = smtplib.SMTP_SSL(
+                target.host,
+                target.port,
+                local_hostname=options.local_hostname,
+                timeout=options.timeout,
+                context=context,
+            )
+        else:
+            client = smtplib.SMTP(
+                target.host,
+                target.port,
+                local_hostname=options.local_hostname,
+                timeout=options.timeout,
+            )
         _start_session(client, target, options, context=context, password=password)
         refused = client.sendmail(sender, recipients, to_crlf(message))
         if refused:
@@ -250,7 +260,8 @@ def send_smtp(
     except OSError as exc:
         raise _network_error(exc, target, options) from exc
     finally:
-        client.close()
+        if client is not None:
+            client.close()
 
 
 def _start_session(

@@ -57,6 +57,9 @@ START_TIMEOUT = 10.0
 """Seconds :meth:`SmtpListener.start` waits for the socket to be bound."""
 STOP_TIMEOUT = 30.0
 """Seconds :meth:`SmtpListener.stop` waits for sessions to end."""
+SPOOL_SOURCE = "smtp"
+"""Intake name given to ``spool.put`` (the spool records where a message came from)."""
+"""Seconds :meth:`SmtpListener.stop` waits for sessions to end."""
 
 
 class SpoolLike(Protocol):
@@ -121,20 +124,23 @@ class _Handler:
         if not isinstance(data, bytes):  # decode_data is off, so never; be sure anyway
             log.error("smtp %s: message content is not bytes", _peer(session))
             return "451 4.3.0 try again later"
-        source = (
-            f"smtp from {_peer(session)} mail-from=<{envelope.mail_from}> "
-            f"rcpt-to={','.join(f'<{r}>' for r in envelope.rcpt_tos)}"
-        )
         loop = asyncio.get_running_loop()
         try:
             stored = await loop.run_in_executor(
-                self._executor, lambda: self._spool.put(data, source=source)
+                self._executor, lambda: self._spool.put(data, source=SPOOL_SOURCE)
             )
         except Exception:
             log.exception("smtp %s: spooling %d bytes failed", _peer(session), len(data))
             return "451 4.3.0 try again later"
         ident = spool_id(stored)
-        log.info("smtp %s: queued %d bytes as %s", _peer(session), len(data), ident)
+        log.info(
+            "smtp %s: queued %d bytes as %s (MAIL FROM %r, RCPT TO %r)",
+            _peer(session),
+            len(data),
+            ident,
+            envelope.mail_from,
+            envelope.rcpt_tos,
+        )
         if self._on_message is not None:
             try:
                 self._on_message()
