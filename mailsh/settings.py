@@ -93,6 +93,17 @@ class Settings(BaseSettings):
     # -- mail in (client replies) ---------------------------------------------------------
     imap_password: SecretStr | None = None
     imap_ca_file: Path | None = None
+    reply_mbox: Path | None = Field(default=None, description="mbox the replies arrive in")
+    reply_maildir: Path | None = Field(default=None, description="Maildir the replies arrive in")
+    reply_imap: str | None = Field(
+        default=None, description="imap(s)://user@host[:port][/MAILBOX] the replies arrive in"
+    )
+    wait_timeout: float = Field(
+        default=600.0, gt=0, description="seconds wait-reply waits for a reply"
+    )
+    request_lifetime: int = Field(
+        default=3600, gt=0, le=7 * 86_400, description="seconds a sent request stays valid"
+    )
 
     # -- server ---------------------------------------------------------------------------
     address: Annotated[list[str], NoDecode] = Field(
