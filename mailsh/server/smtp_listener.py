@@ -18,11 +18,14 @@ message in the spool before saying so:
   4xx reply by :meth:`_Handler.handle_exception`.
 
 Line endings: aiosmtpd 1.4.6 reads DATA lines up to CRLF only (its SMTP-smuggling fix)
-and refuses any "line" longer than 1001 bytes. A client sending a message with bare LF
-line endings therefore gets ``500 Line too long`` once the message is longer than about
-1000 bytes, and the client keeps it; a shorter bare-LF message is stored as sent, bare LFs
-included. RFC 5321 requires CRLF, so this is left as is rather than loosening aiosmtpd's
-defence; mailsh's own sender normalises to CRLF (:func:`mailsh.transport.to_crlf`).
+and refuses any "line" longer than 1001 bytes. A client sending bare-LF line endings
+therefore gets ``500 Line too long`` once the message is longer than about 1000 bytes, and
+keeps the message (nothing lost). A shorter bare-LF message is taken as one "line": it is
+stored with its bare LFs, but dot-stuffing the client applied after a bare LF is not
+undone (``.x`` arrives as ``..x``) and the CRLF the client added before the final dot
+stays. Harmless for OpenPGP armor (no armor line starts with a dot). RFC 5321 requires
+CRLF, so aiosmtpd's defence is kept rather than loosened; mailsh's own sender normalises
+to CRLF (:func:`mailsh.transport.to_crlf`), and so do Postfix and other MTAs.
 
 If a client disconnects while ``put`` is running, the message is still stored but the
 client never saw ``250`` and will send it again: a duplicate, never a loss (duplicates
