@@ -296,3 +296,30 @@ def test_spool_id_is_printable_and_short(spool: Spool) -> None:
     stored = spool.put(b"x\r\n", source="smtp")
     assert spool_id(stored) == stored.id
     assert spool_id("evil\r\n250 injected " + "x" * 100) == "evil250injected" + "x" * 49
+
+
+class _BadStored:
+    @property
+    def id(self) -> str:
+        raise RuntimeError("bug in a hook")
+
+
+class _BuggySpool:
+    def put(self, data: bytes, *, source: str) -> object:
+        return _BadStored()
+
+
+def test_unexpected_exception_in_a_hook_answers_451_via_handle_exception() -> None:
+    # Regression guard for P11: aiosmtpd's default handle_exception would answer 500 with
+    # the exception text; ours logs it and answers 451 so the sender retries.
+    with (
+        SmtpListener(
+            host="127.0.0.1", port=0, spool=_BuggySpool(), accept=_accept, hostname="mx.mailsh.test"
+        ) as listener,
+        _client(listener) as client,
+    ):
+        with pytest.raises(smtplib.SMTPDataError) as info:
+            client.sendmail(FROM, [OURS], MESSAGE)
+        assert info.value.smtp_code == 451
+        assert b"bug in a hook" not in info.value.smtp_error
+        assert client.noop()[0] == 250
