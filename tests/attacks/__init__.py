@@ -1,0 +1,1 @@
+"""Hostile inputs: OpenPGP messages and mails forged with the real gpg CLI."""
