@@ -7,14 +7,15 @@ timeout expires, or when the leader exits while other members are still alive, e
 left in the session is sent SIGTERM, given ``kill_grace`` seconds, then SIGKILL. The call
 never waits forever on a pipe held open by an escaped process: after the kill, pipes are
 drained for at most ``kill_grace`` seconds and then closed. It is safe to call from
-several threads at once (no ``preexec_fn``; limits are applied with ``prlimit(2)``).
+several threads at once: there is no ``preexec_fn``; resource limits are set by util-linux
+``prlimit`` exec'd in front of the shell (see :func:`_limited`).
 
 What this does NOT contain (THREATS.md "Execution"): session and process-group
 membership is voluntary. A command can leave with ``setsid`` (``setsid cmd &``, or the
 classic daemonizing fork/setsid/fork), after which neither ``killpg`` nor the session
 sweep here can see it: it survives the timeout, keeps running as the target user and may
-keep the output pipes open (they are closed on our side after the grace period; it then
-gets SIGPIPE or EBADF-like errors only if it writes). It can also reach processes that
+hold the output pipes open (we close our ends after the grace period, so its next write
+to them gets SIGPIPE/EPIPE). It can also reach processes that
 are not its descendants at all: anything it can signal or ptrace as that user, ``at``,
 ``cron``, ``systemd-run --user`` or an existing ``tmux``/``screen`` server start work in
 *other* sessions on its behalf. Process groups are a cleanup convenience, not a boundary.
@@ -36,11 +37,12 @@ Linux only: the session sweep reads ``/proc`` and exit detection uses ``pidfd_op
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import pwd
-import resource
 import selectors
+import shutil
 import signal
 import stat
 import subprocess
@@ -50,7 +52,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mailsh.errors import ConfigError
+from mailsh.errors import ConfigError, DependencyError
 
 __all__ = ["ExecLimits", "ExecResult", "current_user_is_root", "run_command"]
 
@@ -197,27 +199,40 @@ def _check_cwd(cwd: Path, target: _Target) -> None:
         raise ConfigError(f"command directory {path} is unusable: {exc.strerror}") from exc
 
 
-def _apply_limits(pid: int, limits: ExecLimits) -> None:
-    """Lower RLIMIT_CORE (and RLIMIT_NPROC) of the freshly started shell.
+@functools.cache
+def _prlimit_binary() -> str:
+    found = shutil.which("prlimit", path=SAFE_PATH)
+    if found is None:
+        raise DependencyError(
+            "prlimit (util-linux) not found: cannot bound command resources",
+            hint="install util-linux (apt-get install util-linux)",
+        )
+    return found
 
-    Why prlimit(2) after spawn: ``preexec_fn`` runs Python between fork and exec, which
-    can deadlock when other threads hold locks (run_command runs in worker threads), and
-    changing our own limits before spawning would leak into every thread's children. The
-    gap: the shell has already exec'd when this runs, so whatever it does in those first
-    microseconds (typically nothing: bash is still starting up) runs with the server's
-    limits, and a process forked in that window keeps them along with its own children
-    (rlimits are copied at fork). RLIMIT_NPROC also counts *all* processes of the user,
-    including other commands running as the same user, and root ignores it. Use a cgroup
-    (systemd ``TasksMax=``) for a bound that cannot be raced; see the module docstring.
+
+def _limited(argv: list[str], limits: ExecLimits) -> list[str]:
+    """Prefix ``argv`` with util-linux ``prlimit`` so the command starts already limited.
+
+    How the limits are set, and why this way: ``prlimit --core=0:0 --nproc=N:N -- argv``
+    runs *after* Popen switched to the target user, lowers its own soft and hard limits
+    (always allowed, no privilege needed) and execs the shell, so the shell and all its
+    children inherit them from their first instruction. It is not a shell: argv is passed
+    through untouched after ``--``. The alternatives are worse: ``preexec_fn`` runs Python
+    between fork and exec and can deadlock when other threads hold locks (run_command runs
+    in worker threads); changing our own limits before spawning leaks into every thread's
+    children; ``resource.prlimit(pid)`` after spawn races with the command's first forks
+    and needs CAP_SYS_RESOURCE for a process of another user (often dropped in containers).
+
+    What it does not cover: RLIMIT_NPROC counts *all* processes of the user (other
+    commands running as the same user share the budget), the kernel ignores it for root
+    and for holders of CAP_SYS_ADMIN/CAP_SYS_RESOURCE, and it bounds processes, not memory
+    or CPU. Use a cgroup (systemd ``TasksMax=``, ``MemoryMax=``) for real bounds; see the
+    module docstring.
     """
-    wanted = [(resource.RLIMIT_CORE, 0)]
+    options = ["--core=0:0"]
     if limits.max_processes is not None:
-        wanted.append((resource.RLIMIT_NPROC, limits.max_processes))
-    for which, value in wanted:
-        try:
-            resource.prlimit(pid, which, (value, value))
-        except ProcessLookupError:  # already gone: nothing left to limit
-            return
+        options.append(f"--nproc={limits.max_processes}:{limits.max_processes}")
+    return [_prlimit_binary(), *options, "--", *argv]
 
 
 def _proc_stat(pid: int) -> tuple[str, int, int] | None:
@@ -406,7 +421,7 @@ def _spawn(
         if switch and not current_user_is_root():
             hint = "only root can run commands as another user: drop the run-as setting"
         raise ConfigError(
-            f"cannot start {argv[0]} as {target.name} in {cwd}: {exc}", hint=hint
+            f"cannot start a command as {target.name} in {cwd}: {exc}", hint=hint
         ) from exc
 
 
@@ -449,17 +464,20 @@ def run_command(
     runs as ``run_as`` (resolved with pwd, with that user's supplementary groups) or as
     this process's user, in ``cwd``, with only the environment of :func:`_scrubbed_env`.
     Raises :class:`~mailsh.errors.ConfigError` when the user, directory or shell is
-    unusable; the command's own failures are reported in the result, never raised.
+    unusable (:class:`~mailsh.errors.DependencyError` without util-linux ``prlimit``);
+    the command's own failures are reported in the result, never raised.
     """
     target = _resolve_target(run_as)
     _check_cwd(cwd, target)
+    if not (os.path.isabs(shell) and os.access(shell, os.X_OK)):
+        raise ConfigError(f"command shell {shell!r} is not an executable absolute path")
     started_at = datetime.now(UTC)
     deadline = time.monotonic() + limits.timeout
-    proc = _spawn([shell, "-c", command], stdin=stdin, cwd=cwd, target=target)
+    argv = _limited([shell, "-c", command], limits)
+    proc = _spawn(argv, stdin=stdin, cwd=cwd, target=target)
     sid = proc.pid  # start_new_session: the leader's pid is its session and group id
     pump = _Pump(proc, stdin, limits.max_output_bytes)
     try:
-        _apply_limits(proc.pid, limits)
         pump.run(deadline, pump.leader_exited)
         timed_out = not pump.leader_exited()
         if timed_out:
