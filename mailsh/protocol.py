@@ -272,8 +272,8 @@ def extract_armor(data: bytes) -> bytes:
     if begins[0].strip() != _ARMOR_BEGIN or ends[0].strip() != _ARMOR_END:
         raise ProtocolError("armor-kind", "the armored block is not a PGP MESSAGE")
     start = text.index(begins[0])
-    end = text.index(ends[0], start)
-    if end < start:
+    end = text.find(ends[0], start)
+    if end < 0:
         raise ProtocolError("armor-count", "armor END before BEGIN")
     return text[start : end + len(ends[0].rstrip())] + b"\n"
 
