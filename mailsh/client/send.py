@@ -1,0 +1,316 @@
+"""Sending one request: build, sign (and encrypt), record as pending, submit.
+
+The request is sealed only through :func:`mailsh.envelope.seal_request`. The server it
+is for is found in this home's trust store by its address
+(:meth:`~mailsh.keys.trust.TrustStore.for_address`): that key's fingerprint is bound
+into the signed request (``audience.fingerprint``, THREATS.md P6) and the request is
+encrypted to it. Without a trusted server key a request can only go out unencrypted
+(``encrypt=False``) and unbound to a key, and no reply to it can be verified until the
+server key is trusted.
+
+The pending record is written (durably) *before* the mail is submitted, so a reply can
+never arrive for a request this home has forgotten; if submitting fails, the record is
+removed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+from mailsh.client.pending import MboxMark, PendingRequest, PendingStore
+from mailsh.errors import ConfigError, TrustError, UsageError
+
+if TYPE_CHECKING:
+    from mailsh.envelope import SealedRequest
+    from mailsh.keys.gpg import Gpg
+    from mailsh.keys.trust import TrustedKey, TrustStore
+    from mailsh.protocol import Request
+    from mailsh.settings import Settings
+    from mailsh.transport import SmtpOptions, SmtpTarget
+
+MARK_TAIL_BYTES = 4096
+"""Bytes before the mbox mark whose hash must still match for a scan to start there."""
+
+TRANSPORT_HINT = "--smtp smtp://host:587 or --sendmail /usr/sbin/sendmail"
+SERVER_KEY_HINT = "mailsh trust add SERVER.asc   (the server's key, from its mailsh keys export)"
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """How mail leaves this machine: one SMTP server, or one local sendmail program."""
+
+    smtp: SmtpTarget | None = None
+    smtp_options: SmtpOptions | None = None
+    sendmail: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.smtp is None) == (self.sendmail is None):
+            raise UsageError(
+                "give exactly one way to send mail: --smtp URL or --sendmail PATH",
+                hint=TRANSPORT_HINT,
+            )
+
+    def submit(self, *, mail_from: str, rcpt_to: Sequence[str], message: bytes) -> None:
+        """Hand ``message`` over; returns once the SMTP server or sendmail accepted it."""
+        from mailsh.transport import SmtpOptions, send_sendmail, send_smtp
+
+        if self.smtp is not None:
+            options = self.smtp_options or SmtpOptions()
+            send_smtp(self.smtp, options, mail_from=mail_from, rcpt_to=rcpt_to, message=message)
+        elif self.sendmail is not None:
+            send_sendmail(self.sendmail, mail_from=mail_from, rcpt_to=rcpt_to, message=message)
+
+    def __str__(self) -> str:
+        return str(self.smtp) if self.smtp is not None else f"sendmail {self.sendmail}"
+
+
+def outbound_from_settings(settings: Settings) -> Outbound:
+    """The :class:`Outbound` that ``smtp``/``sendmail`` and the TLS settings describe."""
+    from mailsh.transport import SmtpOptions, parse_smtp_url
+
+    if settings.smtp is None and settings.sendmail is None:
+        raise ConfigError(
+            "no way to send mail is configured",
+            hint=f"{TRANSPORT_HINT} (or MAILSH_SMTP / MAILSH_SENDMAIL)",
+        )
+    if settings.smtp is not None and settings.sendmail is not None:
+        raise UsageError(
+            "both an SMTP server and a sendmail program are configured; choose one",
+            hint="drop --smtp/MAILSH_SMTP or --sendmail/MAILSH_SENDMAIL",
+        )
+    if settings.sendmail is not None:
+        return Outbound(sendmail=settings.sendmail)
+    assert settings.smtp is not None  # noqa: S101 - narrowed by the checks above
+    return Outbound(
+        smtp=parse_smtp_url(settings.smtp),
+        smtp_options=SmtpOptions(
+            require_tls=settings.require_tls,
+            ca_file=settings.smtp_ca_file,
+            password=settings.smtp_password,
+        ),
+    )
+
+
+def resolve_server(trust: TrustStore, address: str, *, encrypt: bool) -> TrustedKey | None:
+    """The pinned key of the server at ``address``; required when encrypting."""
+    key = trust.for_address(address)
+    if key is None and encrypt:
+        raise TrustError(
+            f"no trusted key for the server {address}, so the request cannot be encrypted",
+            hint=f"{SERVER_KEY_HINT}; or --no-encrypt (then no reply can be verified)",
+        )
+    return key
+
+
+def build_request(
+    *,
+    to: str,
+    server_fingerprint: str | None,
+    reply_to: str,
+    command: str,
+    stdin: bytes | None,
+    timeout: float | None,
+    now: datetime,
+    lifetime: timedelta,
+) -> Request:
+    """A fresh ``mailsh.request.v1`` valid from ``now`` for ``lifetime``."""
+    from mailsh.protocol import Audience, Request, new_request_id
+
+    issued = now.astimezone(UTC).replace(microsecond=0)
+    try:
+        return Request(
+            request_id=new_request_id(),
+            audience=Audience(address=to, fingerprint=server_fingerprint),
+            reply_to=reply_to,
+            issued_at=issued,
+            expires_at=issued + lifetime,
+            command=command,
+            stdin=stdin,
+            timeout=timeout,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "request"
+        raise UsageError(
+            f"cannot build the request: {where}: {first['msg']}",
+            hint="check the command, --stdin and --timeout",
+        ) from exc
+
+
+def read_stdin_arg(spec: str, *, max_bytes: int | None = None) -> bytes:
+    """The bytes of ``--stdin FILE`` (``-``: this process's stdin), at most ``max_bytes``."""
+    from mailsh.protocol import MAX_STDIN_BYTES
+
+    limit = MAX_STDIN_BYTES if max_bytes is None else max_bytes
+    try:
+        if spec == "-":
+            data = sys.stdin.buffer.read(limit + 1)
+        else:
+            with open(spec, "rb") as fh:
+                data = fh.read(limit + 1)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot read --stdin {spec}: {exc.strerror}", hint="give a readable file or -"
+        ) from exc
+    if len(data) > limit:
+        raise UsageError(
+            f"--stdin {spec} is larger than {limit} bytes, the most a request may carry",
+            hint="send less input, or copy the data to the server another way",
+        )
+    return data
+
+
+def mbox_mark(path: Path) -> MboxMark | None:
+    """Where ``path`` (an mbox) ends now, if that is a message boundary; else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        size = st.st_size
+        if size and (size < 2 or os.pread(fd, 2, size - 2) != b"\n\n"):
+            return None
+        start = max(0, size - MARK_TAIL_BYTES)
+        tail = os.pread(fd, size - start, start)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return MboxMark(
+        path=str(path.absolute()),
+        device=st.st_dev,
+        inode=st.st_ino,
+        offset=size,
+        tail_sha256=hashlib.sha256(tail).hexdigest(),
+    )
+
+
+@dataclass(frozen=True)
+class SentRequest:
+    """What :func:`send_request` did."""
+
+    sealed: SealedRequest
+    pending: PendingRequest
+    encrypted: bool
+    server_key: TrustedKey | None
+    from_addr: str
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def request_id(self) -> str:
+        return self.sealed.request.request_id
+
+
+def send_request(
+    settings: Settings,
+    gpg: Gpg,
+    *,
+    command: str,
+    to: str,
+    from_addr: str | None = None,
+    stdin: bytes | None = None,
+    timeout: float | None = None,
+    encrypt: bool = True,
+    require_server_key: bool = False,
+    outbound: Outbound | None = None,
+    now: datetime | None = None,
+    on_warning: Callable[[str], None] | None = None,
+) -> SentRequest:
+    """Build, seal, record and submit one request; return once the mail was accepted.
+
+    ``outbound`` defaults to :func:`outbound_from_settings`. ``require_server_key``
+    (what ``send --wait`` needs) refuses to send when the server key is not trusted,
+    since its reply could not be verified. Warnings (e.g. "not encrypted") go to
+    ``on_warning`` and into :attr:`SentRequest.warnings`.
+    """
+    from mailsh.addresses import validate_address
+    from mailsh.envelope import seal_request
+    from mailsh.keys.identity import require_identity
+    from mailsh.keys.trust import load_trust
+
+    warnings: list[str] = []
+
+    def warn(text: str) -> None:
+        warnings.append(text)
+        if on_warning is not None:
+            on_warning(text)
+
+    identity = require_identity(gpg)
+    to = validate_address(to)
+    sender = from_addr or settings.from_address or identity.email
+    if sender is None:
+        raise ConfigError(
+            "no sender address: this home's key has no email and none is configured",
+            hint="--from you@example.org (or MAILSH_FROM_ADDRESS)",
+        )
+    sender = validate_address(sender)
+    key = resolve_server(load_trust(settings.trust_file), to, encrypt=encrypt)
+    if key is None and require_server_key:
+        raise TrustError(
+            f"no trusted key for the server {to}: its reply could not be verified, "
+            "so there is nothing to wait for",
+            hint=f"{SERVER_KEY_HINT}; or send without --wait",
+        )
+    outbound = outbound or outbound_from_settings(settings)
+    if not encrypt:
+        warn("the request is NOT encrypted: anyone who sees the mail can read the command")
+    if key is None:
+        warn(
+            f"no trusted key for {to}: the request is not bound to a server key, and no "
+            f"reply can be verified until you run: {SERVER_KEY_HINT}"
+        )
+    moment = now or datetime.now(UTC)
+    request = build_request(
+        to=to,
+        server_fingerprint=key.fingerprint if key is not None else None,
+        reply_to=sender,
+        command=command,
+        stdin=stdin,
+        timeout=timeout,
+        now=moment,
+        lifetime=timedelta(seconds=settings.request_lifetime),
+    )
+    sealed = seal_request(
+        gpg,
+        request,
+        signer=identity.fingerprint,
+        recipient=key.fingerprint if (encrypt and key is not None) else None,
+        from_addr=sender,
+        passphrase=settings.passphrase(),
+    )
+    store = PendingStore(settings.home)
+    store.prune(now=moment)
+    record = PendingRequest(
+        request_id=request.request_id,
+        to=to,
+        server_fingerprint=key.fingerprint if key is not None else None,
+        payload_sha256=sealed.payload_sha256,
+        message_id=sealed.message_id,
+        created=moment,
+        expires_at=request.expires_at,
+        mbox_mark=mbox_mark(settings.reply_mbox) if settings.reply_mbox is not None else None,
+    )
+    path = store.save(record)
+    try:
+        outbound.submit(mail_from=sender, rcpt_to=[to], message=sealed.mail)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return SentRequest(
+        sealed=sealed,
+        pending=record,
+        encrypted=encrypt and key is not None,
+        server_key=key,
+        from_addr=sender,
+        warnings=tuple(warnings),
+    )

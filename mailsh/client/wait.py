@@ -1,0 +1,446 @@
+"""Waiting for the one reply to a pending request, in an mbox, a Maildir or (later) IMAP.
+
+The mailbox is only ever read: nothing is moved, flagged or deleted, and a message that
+is not the reply stays where it is. Waiting does not busy-poll: a
+:class:`~mailsh.server.watch.Watcher` (inotify, stat polling as fallback) wakes us when
+the mailbox may have changed, and only then is it scanned again.
+
+Each new message is first checked cheaply (does it look like a mailsh reply to this
+request id?), and only such candidates go to :func:`mailsh.envelope.open_reply`, which
+accepts a reply only when it is signed by the pinned server key of the request, decrypts
+cleanly, and answers exactly this request id and payload hash. Every other candidate is
+ignored and its reason remembered, so a timeout can say "only invalid replies arrived".
+
+Where a scan starts: a Maildir scan skips files last modified more than
+:data:`MAILDIR_SLACK` before the request was sent (delivery sets the mtime, so these
+cannot be the reply); an mbox scan starts at the mark noted by ``mailsh send`` when the
+file is provably unchanged up to it (same inode, the 4 KiB before the mark unchanged),
+and at the beginning otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from mailsh.errors import (
+    ConfigError,
+    MailshError,
+    TransportError,
+    TrustError,
+    UsageError,
+    WaitTimeoutError,
+)
+
+if TYPE_CHECKING:
+    from mailsh.client.pending import MboxMark, PendingRequest
+    from mailsh.keys.gpg import Gpg
+    from mailsh.keys.trust import TrustStore
+    from mailsh.protocol import Reply
+    from mailsh.server.watch import Watcher
+    from mailsh.settings import Settings
+
+MAILDIR_SLACK = timedelta(hours=1)
+"""Maildir files modified this long before the request was sent are not read."""
+POLL_INTERVAL = 2.0
+"""Seconds between stat polls when inotify cannot watch the mailbox."""
+MAILBOX_HINT = (
+    "--mbox PATH, --maildir PATH or --imap URL "
+    "(or MAILSH_REPLY_MBOX / MAILSH_REPLY_MAILDIR / MAILSH_REPLY_IMAP)"
+)
+REMOTE_FAILURE_STATUS = 255
+
+
+class RemoteFailureError(MailshError):
+    """The server answered, but did not run the command (rejected, error, unknown)."""
+
+
+class ReplySource(Protocol):
+    """A read-only mailbox: new messages since the last scan, and a way to wait."""
+
+    description: str
+
+    def scan(self) -> list[bytes]:
+        """Messages not returned before (after a rewrite of the mailbox, maybe again)."""
+        ...
+
+    def wait(self, timeout: float) -> bool:
+        """Block until the mailbox may have changed (True) or ``timeout`` passes."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class MboxSource:
+    """New complete messages of an mbox file, read with :func:`scan_mbox`."""
+
+    def __init__(self, path: Path, *, start: int = 0, poll_interval: float = POLL_INTERVAL):
+        from mailsh.server.watch import Watcher
+
+        self.path = path
+        self.description = f"mbox {path}"
+        self.offset = start
+        # Watch first, then scan: nothing can fall between the two.
+        self._watcher: Watcher = Watcher([path], poll_interval=poll_interval)
+
+    def scan(self) -> list[bytes]:
+        from mailsh.server.mbox import scan_mbox
+
+        messages, self.offset = scan_mbox(self.path, self.offset)
+        return messages
+
+    def wait(self, timeout: float) -> bool:
+        return self._watcher.wait(timeout)
+
+    def close(self) -> None:
+        self._watcher.close()
+
+
+class MaildirSource:
+    """New messages in a Maildir's ``new/`` and ``cur/``, read with :func:`scan_maildir`."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        not_before: datetime | None = None,
+        poll_interval: float = POLL_INTERVAL,
+    ) -> None:
+        from mailsh.server.watch import Watcher
+
+        self.path = path
+        self.description = f"Maildir {path}"
+        self.seen: set[str] = set()
+        self._cutoff = None if not_before is None else not_before.timestamp()
+        self._watcher: Watcher = Watcher([path], poll_interval=poll_interval)
+
+    def _skip_old(self) -> None:
+        """Mark files older than the cutoff as seen, so they are never read."""
+        if self._cutoff is None:
+            return
+        for sub in ("new", "cur"):
+            try:
+                entries = list(os.scandir(self.path / sub))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise TransportError(f"cannot list {self.path / sub}: {exc.strerror}") from exc
+            for entry in entries:
+                key = entry.name.split(":", 1)[0]
+                if key in self.seen:
+                    continue
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime < self._cutoff:
+                        self.seen.add(key)
+                except FileNotFoundError:
+                    continue
+
+    def scan(self) -> list[bytes]:
+        from mailsh.server.maildir import scan_maildir
+
+        self._skip_old()
+        found = scan_maildir(self.path, self.seen)
+        self.seen.update(key for key, _ in found)
+        return [data for _, data in found]
+
+    def wait(self, timeout: float) -> bool:
+        return self._watcher.wait(timeout)
+
+    def close(self) -> None:
+        self._watcher.close()
+
+
+def mbox_start(path: Path, mark: MboxMark | None) -> int:
+    """Where to start scanning ``path``: the send-time mark if provably valid, else 0."""
+    if mark is None or mark.path != str(path.absolute()):
+        return 0
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (mark.device, mark.inode) or st.st_size < mark.offset:
+            return 0
+        start = max(0, mark.offset - 4096)
+        tail = os.pread(fd, mark.offset - start, start)
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+    return mark.offset if hashlib.sha256(tail).hexdigest() == mark.tail_sha256 else 0
+
+
+def open_source(
+    settings: Settings,
+    record: PendingRequest,
+    *,
+    mbox: Path | None = None,
+    maildir: Path | None = None,
+    imap: str | None = None,
+    on_warning: Callable[[str], None] | None = None,
+) -> ReplySource:
+    """The mailbox to read: the one given, else the one in settings; exactly one."""
+    given = [x for x in (mbox, maildir, imap) if x is not None]
+    if len(given) > 1:
+        raise UsageError("give one mailbox to read: --mbox, --maildir or --imap", hint=MAILBOX_HINT)
+    if not given:
+        mbox, maildir, imap = settings.reply_mbox, settings.reply_maildir, settings.reply_imap
+        if sum(x is not None for x in (mbox, maildir, imap)) != 1:
+            raise ConfigError(
+                "no mailbox to read replies from"
+                if not any((mbox, maildir, imap))
+                else "several reply mailboxes are configured; choose one",
+                hint=MAILBOX_HINT,
+            )
+    if imap is not None:
+        # INTEGRATION POINT (mailsh/client/imap.py, ImapWatcher): not in this tree yet.
+        # Wrap it in a ReplySource (scan = UIDs newer than the last seen, read-only,
+        # BODY.PEEK; wait = IDLE with reconnect and NOOP fallback) and return it here.
+        raise UsageError(
+            "reading replies over IMAP is not available in this version of mailsh yet",
+            hint="use --mbox PATH or --maildir PATH (e.g. a local copy synced by fetchmail)",
+        )
+    if maildir is not None:
+        path = maildir.expanduser().absolute()
+        if not (path / "new").is_dir():
+            raise TransportError(
+                f"{path} is not a Maildir (it has no new/ directory)",
+                hint=f"check --maildir / MAILSH_REPLY_MAILDIR; or: mkdir -p {path}/{{new,cur,tmp}}",
+            )
+        return MaildirSource(path, not_before=record.created - MAILDIR_SLACK)
+    assert mbox is not None  # noqa: S101 - exactly one of the three is set here
+    path = mbox.expanduser().absolute()
+    if not path.parent.is_dir():
+        raise TransportError(
+            f"the mailbox {path} cannot exist: {path.parent} is not a directory",
+            hint="check --mbox / MAILSH_REPLY_MBOX",
+        )
+    if path.exists() and not path.is_file():
+        raise TransportError(f"{path} is not an mbox file", hint="check --mbox / MAILSH_REPLY_MBOX")
+    if not path.exists() and on_warning is not None:
+        on_warning(f"{path} does not exist yet; waiting for it to be created")
+    return MboxSource(path, start=mbox_start(path, record.mbox_mark))
+
+
+def reply_fingerprint(record: PendingRequest, trust: TrustStore) -> str:
+    """The pinned key a reply to ``record`` must be signed by."""
+    if record.server_fingerprint is not None:
+        if not trust.is_pinned(record.server_fingerprint):
+            raise TrustError(
+                f"the key of {record.to} ({record.server_fingerprint}) is no longer "
+                "trusted here, so its reply cannot be verified",
+                hint="mailsh trust add SERVER.asc   (if you trust that key again)",
+            )
+        return record.server_fingerprint
+    key = trust.for_address(record.to)
+    if key is None:
+        raise TrustError(
+            f"the request was sent without a trusted key for {record.to}, so no reply "
+            "to it can be verified",
+            hint=f"mailsh trust add SERVER.asc, then: mailsh wait-reply {record.request_id}",
+        )
+    return key.fingerprint
+
+
+def looks_like_reply(raw: bytes, request_id: str) -> bool:
+    """Cheap pre-check before gpg runs: a mailsh reply naming this request (or none)."""
+    head = raw[:65_536]
+    if b"mailsh reply" not in head:
+        return False
+    return request_id.encode() in head or b"mailsh reply unknown" in head
+
+
+@dataclass
+class ReplyMatcher:
+    """Checks candidate messages against one pending request; remembers what failed."""
+
+    gpg: Gpg
+    trust: TrustStore
+    record: PendingRequest
+    server_fingerprint: str
+    max_bytes: int
+    passphrase: str | None = None
+    ignored: list[str] = field(default_factory=list)
+    _checked: set[str] = field(default_factory=set)
+
+    def check(self, raw: bytes) -> Reply | None:
+        """The reply if ``raw`` is it; None (and the reason noted) otherwise."""
+        from mailsh.envelope import open_reply
+        from mailsh.errors import GpgError, ProtocolError
+
+        if not looks_like_reply(raw, self.record.request_id):
+            return None
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest in self._checked:  # the same message again (mailbox rewritten)
+            return None
+        self._checked.add(digest)
+        try:
+            return open_reply(
+                self.gpg,
+                raw,
+                trust=self.trust,
+                server_fingerprint=self.server_fingerprint,
+                request_id=self.record.request_id,
+                request_sha256=self.record.payload_sha256,
+                now=datetime.now(UTC),
+                max_bytes=self.max_bytes,
+                passphrase=self.passphrase,
+            )
+        except ProtocolError as exc:
+            self.ignored.append(exc.reason)
+        except GpgError:
+            self.ignored.append("gpg-error")
+        return None
+
+
+def ignored_summary(reasons: list[str]) -> str:
+    """``"2 invalid replies ignored (signer-not-pinned, not-our-reply)"``, or ``""``."""
+    if not reasons:
+        return ""
+    kinds = ", ".join(dict.fromkeys(reasons))
+    noun = "reply" if len(reasons) == 1 else "replies"
+    return f"{len(reasons)} invalid {noun} ignored ({kinds})"
+
+
+def wait_for_reply(
+    matcher: ReplyMatcher,
+    source: ReplySource,
+    *,
+    timeout: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> Reply:
+    """Scan, then wait for changes and scan again, until the reply or ``timeout``."""
+    deadline = clock() + timeout
+    while True:
+        for raw in source.scan():
+            reply = matcher.check(raw)
+            if reply is not None:
+                return reply
+        remaining = deadline - clock()
+        if remaining <= 0:
+            break
+        source.wait(remaining)
+    rid = matcher.record.request_id
+    message = f"no reply after {timeout:g}s; the request may still run"
+    if matcher.ignored:
+        message = (
+            f"no valid reply after {timeout:g}s, only {ignored_summary(matcher.ignored)}; "
+            "the request may still run"
+        )
+    if datetime.now(UTC) > matcher.record.expires_at:
+        message += f" (it expired at {matcher.record.expires_at:%Y-%m-%d %H:%M:%S}Z)"
+    raise WaitTimeoutError(message, hint=f"check later with: mailsh wait-reply {rid}")
+
+
+def await_reply(
+    settings: Settings,
+    gpg: Gpg,
+    record: PendingRequest,
+    *,
+    mbox: Path | None = None,
+    maildir: Path | None = None,
+    imap: str | None = None,
+    timeout: float | None = None,
+    on_warning: Callable[[str], None] | None = None,
+) -> Reply:
+    """Everything ``mailsh wait-reply`` does before printing: find and verify the reply.
+
+    Marks the pending record answered once the reply is accepted.
+    """
+    from mailsh.client.pending import PendingStore
+    from mailsh.keys.trust import load_trust
+
+    trust = load_trust(settings.trust_file)
+    matcher = ReplyMatcher(
+        gpg=gpg,
+        trust=trust,
+        record=record,
+        server_fingerprint=reply_fingerprint(record, trust),
+        max_bytes=settings.max_message_bytes,
+        passphrase=settings.passphrase(),
+    )
+    source = open_source(
+        settings, record, mbox=mbox, maildir=maildir, imap=imap, on_warning=on_warning
+    )
+    try:
+        reply = wait_for_reply(
+            matcher, source, timeout=settings.wait_timeout if timeout is None else timeout
+        )
+    finally:
+        source.close()
+    if record.answered_at is None:
+        PendingStore(settings.home).mark_answered(record, now=datetime.now(UTC))
+    return reply
+
+
+# -- what the reply means to the caller --------------------------------------------------
+
+
+def exit_status(reply: Reply) -> int:
+    """ssh-like: the remote shell status for a command that ran, else 255."""
+    from mailsh.protocol import ReplyStatus
+
+    if reply.status is ReplyStatus.OK:
+        return reply.shell_status
+    return REMOTE_FAILURE_STATUS
+
+
+def _printable(text: str) -> str:
+    """Server-written text made one printable line (no escape sequences reach a tty)."""
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())[:500]
+
+
+def notes(reply: Reply) -> list[str]:
+    """Lines for stderr about a reply whose command ran (time-outs, truncation)."""
+    out: list[str] = []
+    if reply.timed_out:
+        how = f"killed by signal {reply.signal}" if reply.signal is not None else "stopped"
+        out.append(
+            f"the remote command timed out and was {how}; "
+            f"exit status {exit_status(reply)} is what the server reported"
+        )
+    for stream in ("stdout", "stderr"):
+        if getattr(reply, f"{stream}_truncated"):
+            out.append(f"the remote {stream} was truncated by the server's output limit")
+    return out
+
+
+def failure(reply: Reply) -> RemoteFailureError | None:
+    """The error to report when the server did not run the command; None if it did."""
+    from mailsh.protocol import ReplyStatus
+
+    reason = _printable(reply.reason or "no reason given")
+    rid = reply.request_id or "?"
+    if reply.status is ReplyStatus.REJECTED:
+        return RemoteFailureError(
+            f"the server {reply.server} rejected request {rid}: {reason}",
+            hint="fix what the reason says and send a new request",
+        )
+    if reply.status is ReplyStatus.ERROR:
+        return RemoteFailureError(
+            f"the server {reply.server} could not run request {rid}: {reason}",
+            hint="ask the server's operator to look at its log",
+        )
+    if reply.status is ReplyStatus.OUTCOME_UNKNOWN:
+        return RemoteFailureError(
+            f"the server {reply.server} was interrupted while running request {rid}; "
+            f"the command may or may not have run: {reason}",
+            hint="check on the server before sending the command again",
+        )
+    return None
+
+
+def reply_json(reply: Reply) -> str:
+    """The whole reply as JSON (bytes as base64), plus the derived ``shell_status``."""
+    import json
+
+    doc = reply.model_dump(mode="json")
+    doc["shell_status"] = exit_status(reply)
+    return json.dumps(doc, sort_keys=True)
