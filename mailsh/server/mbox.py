@@ -164,18 +164,19 @@ def _names_dead_mailsh(content: bytes) -> bool:
     return False
 
 
-def _dotlock_is_stale(lock: Path) -> bool:
-    """True if ``lock`` is gone, older than ``STALE_LOCK_SECONDS``, or names a dead
-    mailsh process on this host (so a crashed collect does not block mail for 500 s)."""
+def _dotlock_state(lock: Path) -> str:
+    """``gone``; ``stale`` if older than ``STALE_LOCK_SECONDS`` or naming a dead mailsh
+    process on this host (so a crashed collect does not block mail for 500 s); else
+    ``held``."""
     try:
-        age = time.time() - lock.stat().st_mtime
         with open(lock, "rb") as fh:
+            age = time.time() - os.fstat(fh.fileno()).st_mtime
             content = fh.read(256)
     except FileNotFoundError:
-        return True
+        return "gone"
     except OSError:
-        return False
-    return age > STALE_LOCK_SECONDS or _names_dead_mailsh(content)
+        return "held"
+    return "stale" if age > STALE_LOCK_SECONDS or _names_dead_mailsh(content) else "held"
 
 
 class MboxIntake:
@@ -234,7 +235,10 @@ class MboxIntake:
                     self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
                 )
             except FileExistsError:
-                if _dotlock_is_stale(self.lock_path):
+                state = _dotlock_state(self.lock_path)
+                if state == "gone":  # released meanwhile: try again at once
+                    continue
+                if state == "stale":
                     log.warning("removing stale dotlock %s", self.lock_path)
                     try:
                         self.lock_path.unlink(missing_ok=True)
