@@ -1,3 +1,348 @@
-"""``mailsh`` client commands."""
+"""``mailsh send`` and ``mailsh wait-reply``: the ssh-like client commands.
+
+Data goes to stdout: the request id (``send``), or exactly the remote command's stdout
+(``wait-reply``, ``send --wait``), while the remote stderr goes to stderr byte for byte.
+mailsh's own diagnostics go to stderr too, so with ``--wait`` the request id is shown
+there only when stderr is a terminal. The exit status is the remote command's (128+N
+for signal N); mailsh's own failures exit 255 (see ``mailsh --help``).
+"""
 
 from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
+
+import typer
+
+from mailsh.cli import EXIT_CODES_HELP, app, err_console, gpg_for, say, settings_from
+
+if TYPE_CHECKING:
+    from mailsh.client.pending import PendingRequest
+    from mailsh.protocol import Reply
+    from mailsh.settings import Settings
+
+MboxOpt = Annotated[
+    Optional[Path],  # noqa: UP045 - typer needs Optional at runtime on 3.11
+    typer.Option(
+        "--mbox",
+        metavar="PATH",
+        envvar="MAILSH_REPLY_MBOX",
+        help="Read replies from this mbox file (read-only; e.g. /var/mail/$USER).",
+        show_default=False,
+    ),
+]
+MaildirOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(
+        "--maildir",
+        metavar="PATH",
+        envvar="MAILSH_REPLY_MAILDIR",
+        help="Read replies from this Maildir (read-only; e.g. ~/Maildir).",
+        show_default=False,
+    ),
+]
+ImapOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--imap",
+        metavar="URL",
+        envvar="MAILSH_REPLY_IMAP",
+        help="Read replies over IMAP: imaps://user@host[:port] (password from "
+        "MAILSH_IMAP_PASSWORD).",
+        show_default=False,
+    ),
+]
+JsonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Print the whole reply as one JSON object (stdout/stderr base64) instead of "
+        "the output; the exit status is still the remote one.",
+    ),
+]
+PassphraseOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(
+        "--passphrase-file",
+        metavar="FILE",
+        envvar="MAILSH_PASSPHRASE_FILE",
+        help="File holding the passphrase of this home's key, if it has one.",
+        show_default=False,
+    ),
+]
+
+
+def _flag(value: bool) -> bool | None:
+    """A boolean flag as a settings override: only when given (so config files count)."""
+    return True if value else None
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def send(
+    command: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="COMMAND",
+            help="The shell command to run on the server. Several words are joined with "
+            "spaces, like ssh; quote it, or put it after -- when it has options.",
+            show_default=False,
+        ),
+    ],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to", metavar="ADDR", help="The server's address (its key must be trusted here)."
+        ),
+    ],
+    from_addr: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--from",
+            metavar="ADDR",
+            envvar="MAILSH_FROM_ADDRESS",
+            help="Sender address [the configured from_address, else this key's email].",
+            show_default=False,
+        ),
+    ] = None,
+    smtp: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--smtp",
+            metavar="URL",
+            envvar="MAILSH_SMTP",
+            help="Submit via smtp://[user@]host[:port] (STARTTLS when offered) or "
+            "smtps://[user@]host[:port]; password from MAILSH_SMTP_PASSWORD.",
+            show_default=False,
+        ),
+    ] = None,
+    sendmail: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "--sendmail",
+            metavar="PATH",
+            envvar="MAILSH_SENDMAIL",
+            help="Hand the mail to this local sendmail program instead (e.g. /usr/sbin/sendmail).",
+            show_default=False,
+        ),
+    ] = None,
+    stdin: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--stdin",
+            metavar="FILE|-",
+            help="Give the remote command this file as its stdin (- for this shell's stdin; "
+            "at most 8 MiB). Default: no stdin.",
+            show_default=False,
+        ),
+    ] = None,
+    timeout: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            "--timeout",
+            metavar="S",
+            min=0.001,
+            max=86_400,
+            help="Ask the server to stop the remote command after S seconds [server default].",
+            show_default=False,
+        ),
+    ] = None,
+    no_encrypt: Annotated[
+        bool,
+        typer.Option(
+            "--no-encrypt",
+            help="Sign only, do not encrypt (anyone who sees the mail reads the command).",
+        ),
+    ] = False,
+    require_tls: Annotated[
+        bool,
+        typer.Option(
+            "--require-tls",
+            envvar="MAILSH_REQUIRE_TLS",
+            help="Refuse to send over smtp:// when the server offers no STARTTLS.",
+        ),
+    ] = False,
+    ca_file: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "--ca-file",
+            metavar="FILE",
+            envvar="MAILSH_SMTP_CA_FILE",
+            help="PEM file of the CA(s) to trust for the SMTP server (private CAs).",
+            show_default=False,
+        ),
+    ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option("--wait", help="Then wait for the reply, like wait-reply (ssh-like)."),
+    ] = False,
+    mbox: MboxOpt = None,
+    maildir: MaildirOpt = None,
+    imap: ImapOpt = None,
+    wait_timeout: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            "--wait-timeout",
+            metavar="S",
+            envvar="MAILSH_WAIT_TIMEOUT",
+            min=0,
+            help="With --wait: give up after S seconds [600].",
+            show_default=False,
+        ),
+    ] = None,
+    json_out: JsonOpt = False,
+    passphrase_file: PassphraseOpt = None,
+) -> None:
+    """Send COMMAND to a mailsh server as a signed (and encrypted) request.
+
+    Prints the request id (one line on stdout) for `mailsh wait-reply ID`. With --wait,
+    waits for the reply instead and behaves like `ssh host COMMAND`: the remote stdout
+    and stderr, byte for byte, and the remote exit status.
+    """
+    from mailsh.client.send import read_stdin_arg, send_request
+
+    if not wait and (mbox or maildir or imap or wait_timeout is not None or json_out):
+        raise _usage("--mbox/--maildir/--imap/--wait-timeout/--json only apply with --wait")
+    settings = settings_from(
+        smtp=smtp,
+        sendmail=sendmail,
+        from_address=from_addr,
+        require_tls=_flag(require_tls),
+        smtp_ca_file=ca_file,
+        reply_mbox=mbox,
+        reply_maildir=maildir,
+        reply_imap=imap,
+        wait_timeout=wait_timeout,
+        passphrase_file=passphrase_file,
+    )
+    data = read_stdin_arg(stdin) if stdin is not None else None
+    sent = send_request(
+        settings,
+        gpg_for(settings),
+        command=" ".join(command),
+        to=to,
+        stdin=data,
+        timeout=timeout,
+        encrypt=not no_encrypt,
+        require_server_key=wait,
+        on_warning=lambda text: say(f"mailsh: warning: {text}"),
+    )
+    if not wait:
+        typer.echo(sent.request_id)
+        return
+    if sys.stderr.isatty():
+        say(f"mailsh: sent request {sent.request_id} to {sent.pending.to}")
+    _wait_and_render(settings, sent.pending, json_out=json_out)
+
+
+@app.command("wait-reply", epilog=EXIT_CODES_HELP)
+def wait_reply(
+    request_id: Annotated[
+        str, typer.Argument(metavar="ID", help="The request id that mailsh send printed.")
+    ],
+    mbox: MboxOpt = None,
+    maildir: MaildirOpt = None,
+    imap: ImapOpt = None,
+    timeout: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            "--timeout",
+            metavar="S",
+            envvar="MAILSH_WAIT_TIMEOUT",
+            min=0,
+            help="Give up after S seconds [600] (exit 255; the request may still run).",
+            show_default=False,
+        ),
+    ] = None,
+    json_out: JsonOpt = False,
+    passphrase_file: PassphraseOpt = None,
+) -> None:
+    """Wait for the verified reply to request ID; print its output, exit with its status.
+
+    Reads the mailbox without changing it and ignores anything that is not a reply
+    signed by the trusted server key to exactly this request. The remote stdout goes to
+    stdout and the remote stderr to stderr, byte for byte.
+    """
+    from mailsh.client.pending import PendingStore
+
+    settings = settings_from(
+        reply_mbox=mbox,
+        reply_maildir=maildir,
+        reply_imap=imap,
+        wait_timeout=timeout,
+        passphrase_file=passphrase_file,
+    )
+    record = PendingStore(settings.home).load(request_id)
+    _wait_and_render(settings, record, json_out=json_out)
+
+
+def _usage(message: str) -> Exception:
+    from mailsh.errors import UsageError
+
+    return UsageError(message, hint="see mailsh send --help")
+
+
+def _wait_and_render(settings: Settings, record: PendingRequest, *, json_out: bool) -> NoReturn:
+    from mailsh.client.wait import await_reply
+
+    rid = record.request_id
+    try:
+        with _spinner(rid):
+            reply = await_reply(
+                settings,
+                gpg_for(settings),
+                record,
+                on_warning=lambda text: say(f"mailsh: {text}"),
+            )
+    except KeyboardInterrupt:
+        from mailsh.errors import MailshError
+
+        raise MailshError(
+            f"interrupted while waiting for the reply to {rid}; the request may still run",
+            hint=f"check later with: mailsh wait-reply {rid}",
+        ) from None
+    _render(reply, json_out=json_out)
+
+
+@contextlib.contextmanager
+def _spinner(request_id: str) -> Iterator[None]:
+    """A spinner with the elapsed time on stderr, only when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from rich.text import Text
+
+    started = time.monotonic()
+
+    class _Elapsed:
+        def __rich__(self) -> Text:
+            seconds = int(time.monotonic() - started)
+            return Text(f"waiting for the reply to {request_id} ({seconds}s)")
+
+    with err_console().status(_Elapsed()):
+        yield
+
+
+def _render(reply: Reply, *, json_out: bool) -> NoReturn:
+    """Print the reply (raw bytes, never interpreted) and exit with its status."""
+    from mailsh.client.wait import exit_status, failure, notes, reply_json
+
+    sys.stdout.flush()
+    if json_out:
+        sys.stdout.write(reply_json(reply) + "\n")
+        sys.stdout.flush()
+    else:
+        sys.stdout.buffer.write(reply.stdout)
+        sys.stdout.buffer.flush()
+        sys.stderr.flush()
+        sys.stderr.buffer.write(reply.stderr)
+        sys.stderr.buffer.flush()
+    error = failure(reply)
+    if error is not None:
+        raise error
+    for note in notes(reply):
+        say(f"mailsh: {note}")
+    raise typer.Exit(exit_status(reply))

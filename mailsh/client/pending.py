@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from mailsh.errors import StateError, UsageError
+from mailsh.errors import MailshError, StateError
 
 PENDING_FORMAT = "mailsh.pending.v1"
 PENDING_DIR = "pending"
@@ -32,6 +32,11 @@ KEEP_RECORDS = timedelta(days=30)
 """How long records are kept: a reply older than this no longer verifies anyway."""
 
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+class UnknownRequestError(MailshError):
+    """No request with this id was sent from this home (exit 255, like every mailsh
+    failure of wait-reply, so it cannot be mistaken for a remote exit status)."""
 
 
 @dataclass(frozen=True)
@@ -100,9 +105,9 @@ def _utc(value: object) -> datetime:
 
 
 def check_request_id(request_id: str) -> str:
-    """``request_id`` if it looks like one mailsh send prints; else a UsageError."""
+    """``request_id`` if it looks like one mailsh send prints; else UnknownRequestError."""
     if not _ID_RE.match(request_id):
-        raise UsageError(
+        raise UnknownRequestError(
             f"{request_id[:80]!r} is not a request id (32 lowercase hex characters)",
             hint="use the id that mailsh send printed",
         )
@@ -148,12 +153,12 @@ class PendingStore:
         return target
 
     def load(self, request_id: str) -> PendingRequest:
-        """The record of ``request_id``; UsageError with a next step if there is none."""
+        """The record of ``request_id``; UnknownRequestError with a next step if there is none."""
         path = self.path_for(request_id)
         try:
             raw = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise UsageError(
+            raise UnknownRequestError(
                 f"no request {request_id} was sent from this home ({self.home})",
                 hint="check the id printed by mailsh send and use the same --home / "
                 f"MAILSH_HOME (the ids sent from here are the file names in {self.directory})",
@@ -186,7 +191,7 @@ class PendingStore:
             stem = name.removesuffix(".json")
             if not name.endswith(".json") or not _ID_RE.match(stem):
                 continue
-            with contextlib.suppress(UsageError, StateError):
+            with contextlib.suppress(MailshError):
                 out.append(self.load(stem))
         return sorted(out, key=lambda r: r.created)
 
