@@ -1,0 +1,536 @@
+"""mailsh.client.send and .pending against a real aiosmtpd server and real GnuPG homes.
+
+The helpers at the top (an SMTP sink on 127.0.0.1 port 0, a test "server" built from the
+library, mbox/Maildir delivery) are shared with test_wait.py and
+tests/integration/test_cli_client.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from mailsh.client.pending import (
+    KEEP_RECORDS,
+    PendingRequest,
+    PendingStore,
+    UnknownRequestError,
+)
+from mailsh.client.send import (
+    Outbound,
+    build_request,
+    mbox_mark,
+    outbound_from_settings,
+    read_stdin_arg,
+    send_request,
+)
+from mailsh.envelope import VerifiedRequest, open_request, seal_reply
+from mailsh.errors import (
+    ConfigError,
+    ExitCode,
+    IdentityError,
+    TransportError,
+    TrustError,
+    UsageError,
+)
+from mailsh.keys.gpg import Gpg
+from mailsh.keys.trust import add_trusted_key, load_trust
+from mailsh.protocol import Reply, ReplyStatus
+from mailsh.settings import Settings, ensure_home, load_settings
+from mailsh.transport import SmtpOptions, parse_smtp_url
+from tests.conftest import Home
+
+MiB = 1024 * 1024
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class Sink:
+    """aiosmtpd handler keeping every message; ``on_message`` may answer it."""
+
+    messages: list[tuple[str, list[str], bytes]] = field(default_factory=list)
+    on_message: Callable[[bytes], None] | None = None
+    arrived: threading.Condition = field(default_factory=threading.Condition)
+
+    async def handle_DATA(  # noqa: N802 - aiosmtpd hook
+        self, server: SMTP, session: Session, envelope: Envelope
+    ) -> str:
+        content = envelope.original_content
+        assert isinstance(content, bytes)
+        assert envelope.mail_from is not None
+        with self.arrived:
+            self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), content))
+            self.arrived.notify_all()
+        if self.on_message is not None:
+            callback = self.on_message
+            threading.Thread(target=callback, args=(content,), daemon=True).start()
+        return "250 OK"
+
+    def wait_for(self, count: int, timeout: float = 30) -> None:
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: len(self.messages) >= count, timeout)
+
+
+class PortZeroController(Controller):
+    """aiosmtpd's Controller bound to port 0; ``port`` is the real port once started."""
+
+    def _create_server(self) -> Awaitable[asyncio.AbstractServer]:
+        create = super()._create_server()
+
+        async def bind() -> asyncio.AbstractServer:
+            server = await create
+            assert isinstance(server, asyncio.Server)
+            self.port = server.sockets[0].getsockname()[1]
+            return server
+
+        return bind()
+
+
+@contextlib.contextmanager
+def smtp_sink() -> Iterator[tuple[Sink, str]]:
+    """A real SMTP server on 127.0.0.1 (ephemeral port) and its smtp:// URL."""
+    sink = Sink()
+    controller = PortZeroController(sink, hostname="127.0.0.1", port=0, server_hostname="sink.test")
+    controller.start()
+    try:
+        yield sink, f"smtp://127.0.0.1:{controller.port}"
+    finally:
+        controller.stop()
+
+
+@dataclass
+class Rig:
+    """A client home that trusts ``server``, and a server trust store pinning the client."""
+
+    client: Home
+    server: Home
+    server_trust: Path
+
+    def settings(self, **changes: Any) -> Settings:
+        return self.client.settings.model_copy(update=changes)
+
+
+def make_rig(make_home: Callable[..., Home], server: Home, tmp: Path) -> Rig:
+    client = make_home("op@client.test")
+    add_trusted_key(client.gpg, client.settings.trust_file, server.pubkey, reply_to=None)
+    server_trust = tmp / "server-trust.json"
+    add_trusted_key(server.gpg, server_trust, client.pubkey, reply_to=None)
+    return Rig(client=client, server=server, server_trust=server_trust)
+
+
+def open_as_server(rig: Rig, raw: bytes, *, address: str | None = None) -> VerifiedRequest:
+    """What ``mailsh serve`` does first: verify the received request mail."""
+    return open_request(
+        rig.server.gpg,
+        raw,
+        trust=load_trust(rig.server_trust),
+        server_addresses=[address or rig.server.email],
+        server_fingerprint=rig.server.fingerprint,
+        now=datetime.now(UTC),
+        max_skew=timedelta(minutes=5),
+        max_age=timedelta(days=1),
+        max_bytes=10 * MiB,
+    )
+
+
+def answer(
+    rig: Rig,
+    raw: bytes,
+    *,
+    signer: Home | None = None,
+    request_id: str | None = None,
+    request_sha256: str | None = None,
+    **fields: Any,
+) -> bytes:
+    """A reply mail to the request mail ``raw``, built and sealed with the library.
+
+    ``fields`` go into the Reply (default: status ok, exit code 0); ``signer`` signs
+    instead of the server (its keyring must hold the client's key).
+    """
+    verified = open_as_server(rig, raw)
+    fields.setdefault("status", ReplyStatus.OK)
+    if fields["status"] is ReplyStatus.OK and "signal" not in fields:
+        fields.setdefault("exit_code", 0)
+    reply = Reply(
+        request_id=request_id or verified.request_id,
+        request_sha256=request_sha256 or verified.payload_sha256,
+        server=rig.server.email,
+        **fields,
+    )
+    by = signer or rig.server
+    return seal_reply(
+        by.gpg,
+        reply,
+        signer=by.fingerprint,
+        recipient=rig.client.fingerprint,
+        to_addr=rig.client.email,
+        in_reply_to=verified.message_id,
+        passphrase=None,
+    )
+
+
+def append_mbox(path: Path, raw: bytes) -> None:
+    """Deliver like Postfix local(8): From line, LF, >From quoting, blank line; one write."""
+    lines = raw.replace(b"\r\n", b"\n").split(b"\n")
+    body = b"\n".join(b">" + ln if ln.startswith(b"From ") else ln for ln in lines)
+    if not body.endswith(b"\n"):
+        body += b"\n"
+    stamp = time.strftime("%a %b %d %H:%M:%S %Y").encode()
+    with open(path, "ab") as fh:
+        fh.write(b"From mailsh@server.test " + stamp + b"\n" + body + b"\n")
+
+
+def drop_maildir(path: Path, raw: bytes) -> Path:
+    """Deliver into a Maildir: write in tmp/, rename into new/."""
+    for sub in ("tmp", "new", "cur"):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+    name = f"{time.time_ns()}.{os.getpid()}.{threading.get_ident()}.test"
+    tmp = path / "tmp" / name
+    tmp.write_bytes(raw)
+    os.rename(tmp, path / "new" / name)
+    return path / "new" / name
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (connection refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def rig(
+    make_home: Callable[..., Home], server: Home, tmp_path_factory: pytest.TempPathFactory
+) -> Rig:
+    return make_rig(make_home, server, tmp_path_factory.mktemp("rig"))
+
+
+@pytest.fixture
+def sink() -> Iterator[tuple[Sink, str]]:
+    with smtp_sink() as pair:
+        yield pair
+
+
+# --------------------------------------------------------------------------- send_request
+
+
+def test_send_submits_crlf_mail_the_server_can_open_and_records_it(
+    rig: Rig, sink: tuple[Sink, str]
+) -> None:
+    box, url = sink
+    settings = rig.settings(smtp=url)
+    sent = send_request(settings, rig.client.gpg, command="echo hi", to=rig.server.email)
+    box.wait_for(1)
+    mail_from, rcpts, raw = box.messages[0]
+    assert (mail_from, rcpts) == (rig.client.email, [rig.server.email])
+    assert b"\r\n" in raw
+    assert b"\n" not in raw.replace(b"\r\n", b"")  # CRLF only, no bare LF
+    verified = open_as_server(rig, raw)
+    assert verified.encrypted
+    assert verified.request_id == sent.request_id
+    assert verified.command == "echo hi"
+    assert verified.payload_sha256 == sent.pending.payload_sha256
+    assert sent.sealed.request.audience.fingerprint == rig.server.fingerprint
+    record = PendingStore(settings.home).load(sent.request_id)
+    assert record == sent.pending
+    assert record.server_fingerprint == rig.server.fingerprint
+    assert record.message_id == sent.sealed.message_id
+    assert record.expires_at - record.created <= timedelta(seconds=settings.request_lifetime)
+    path = PendingStore(settings.home).path_for(sent.request_id)
+    assert path.stat().st_mode & 0o077 == 0
+
+
+def test_send_carries_stdin_timeout_and_window(rig: Rig, sink: tuple[Sink, str]) -> None:
+    box, url = sink
+    settings = rig.settings(smtp=url, request_lifetime=120)
+    sent = send_request(
+        settings,
+        rig.client.gpg,
+        command="cat",
+        to=rig.server.email,
+        stdin=b"\x00\xff binary",
+        timeout=5,
+    )
+    box.wait_for(1)
+    verified = open_as_server(rig, box.messages[0][2])
+    assert verified.stdin == b"\x00\xff binary"
+    assert verified.timeout == 5
+    request = sent.sealed.request
+    assert request.expires_at - request.issued_at == timedelta(seconds=120)
+
+
+def test_no_encrypt_to_unknown_server_warns_and_leaves_audience_unbound(
+    rig: Rig, sink: tuple[Sink, str]
+) -> None:
+    box, url = sink
+    warnings: list[str] = []
+    sent = send_request(
+        rig.settings(smtp=url),
+        rig.client.gpg,
+        command="id",
+        to="other@server.test",
+        encrypt=False,
+        on_warning=warnings.append,
+    )
+    assert not sent.encrypted
+    assert sent.pending.server_fingerprint is None
+    assert sent.sealed.request.audience.fingerprint is None
+    assert any("NOT encrypted" in w for w in warnings)
+    assert any("no reply can be verified" in w and "mailsh trust add" in w for w in warnings)
+    box.wait_for(1)
+    verified = open_as_server(rig, box.messages[0][2], address="other@server.test")
+    assert not verified.encrypted
+
+
+def test_no_encrypt_to_trusted_server_still_binds_its_key(rig: Rig, sink: tuple[Sink, str]) -> None:
+    _, url = sink
+    sent = send_request(
+        rig.settings(smtp=url), rig.client.gpg, command="id", to=rig.server.email, encrypt=False
+    )
+    assert not sent.encrypted
+    assert sent.sealed.request.audience.fingerprint == rig.server.fingerprint
+
+
+def test_unknown_server_key_is_an_error_with_the_trust_hint(
+    rig: Rig, sink: tuple[Sink, str]
+) -> None:
+    box, url = sink
+    with pytest.raises(TrustError) as err:
+        send_request(rig.settings(smtp=url), rig.client.gpg, command="id", to="x@unknown.test")
+    assert err.value.hint is not None
+    assert "mailsh trust add" in err.value.hint
+    assert box.messages == []
+
+
+def test_wait_requires_the_server_key_even_without_encryption(
+    rig: Rig, sink: tuple[Sink, str]
+) -> None:
+    box, url = sink
+    with pytest.raises(TrustError, match="could not be verified"):
+        send_request(
+            rig.settings(smtp=url),
+            rig.client.gpg,
+            command="id",
+            to="x@unknown.test",
+            encrypt=False,
+            require_server_key=True,
+        )
+    assert box.messages == []
+
+
+def test_no_transport_configured(rig: Rig) -> None:
+    with pytest.raises(ConfigError) as err:
+        send_request(rig.settings(), rig.client.gpg, command="id", to=rig.server.email)
+    assert err.value.hint is not None
+    assert "--smtp smtp://host:587" in err.value.hint
+    assert "--sendmail /usr/sbin/sendmail" in err.value.hint
+
+
+def test_both_transports_configured_is_refused(rig: Rig) -> None:
+    with pytest.raises(UsageError, match="choose one"):
+        outbound_from_settings(rig.settings(smtp="smtp://h:587", sendmail=Path("/bin/true")))
+
+
+def test_outbound_from_settings_carries_tls_options(rig: Rig, tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    out = outbound_from_settings(
+        rig.settings(smtp="smtps://me@mail.test", require_tls=True, smtp_ca_file=ca)
+    )
+    assert out.smtp == parse_smtp_url("smtps://me@mail.test")
+    assert out.smtp_options == SmtpOptions(require_tls=True, ca_file=ca, password=None)
+
+
+def test_no_identity_hints_keygen(tmp_path: Path) -> None:
+    settings = load_settings(home=tmp_path / "empty", smtp="smtp://127.0.0.1:25")
+    ensure_home(settings)
+    gpg = Gpg(settings.gnupg_home, max_output=settings.max_gpg_output)
+    try:
+        with pytest.raises(IdentityError) as err:
+            send_request(settings, gpg, command="id", to="root@server.test")
+    finally:
+        gpg.kill_agent()
+    assert err.value.hint is not None
+    assert "mailsh keygen --email" in err.value.hint
+
+
+def test_refused_connection_removes_the_pending_record(rig: Rig) -> None:
+    settings = rig.settings(smtp=f"smtp://127.0.0.1:{closed_port()}")
+    before = {r.request_id for r in PendingStore(settings.home).all()}
+    with pytest.raises(TransportError, match="refused"):
+        send_request(settings, rig.client.gpg, command="id", to=rig.server.email)
+    assert {r.request_id for r in PendingStore(settings.home).all()} == before
+
+
+def test_sendmail_transport_gets_lf_mail(rig: Rig, tmp_path: Path) -> None:
+    captured = tmp_path / "captured"
+    program = tmp_path / "sendmail"
+    program.write_text(f'#!/bin/sh\necho "$@" > {captured}.args\ncat > {captured}\n')
+    program.chmod(0o755)
+    sent = send_request(
+        rig.settings(sendmail=program), rig.client.gpg, command="id", to=rig.server.email
+    )
+    raw = captured.read_bytes()
+    assert b"\r\n" not in raw
+    assert open_as_server(rig, raw).request_id == sent.request_id
+    assert (captured.parent / "captured.args").read_text().split() == [
+        "-i",
+        "-f",
+        rig.client.email,
+        "--",
+        rig.server.email,
+    ]
+
+
+def test_from_address_setting_wins_over_key_email(rig: Rig, sink: tuple[Sink, str]) -> None:
+    box, url = sink
+    sent = send_request(
+        rig.settings(smtp=url, from_address="ops@client.test"),
+        rig.client.gpg,
+        command="id",
+        to=rig.server.email,
+    )
+    box.wait_for(1)
+    assert box.messages[0][0] == "ops@client.test"
+    assert sent.sealed.request.reply_to == "ops@client.test"
+
+
+def test_outbound_needs_exactly_one_way() -> None:
+    with pytest.raises(UsageError):
+        Outbound()
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_build_request_rejects_bad_values_with_usage_error() -> None:
+    with pytest.raises(UsageError, match="timeout"):
+        build_request(
+            to="root@server.test",
+            server_fingerprint=None,
+            reply_to="op@client.test",
+            command="id",
+            stdin=None,
+            timeout=10**6,
+            now=datetime.now(UTC),
+            lifetime=timedelta(hours=1),
+        )
+    with pytest.raises(UsageError, match="command"):
+        build_request(
+            to="root@server.test",
+            server_fingerprint=None,
+            reply_to="op@client.test",
+            command="a\x00b",
+            stdin=None,
+            timeout=None,
+            now=datetime.now(UTC),
+            lifetime=timedelta(hours=1),
+        )
+
+
+def test_read_stdin_arg_file_dash_and_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "in"
+    data.write_bytes(b"0123456789")
+    assert read_stdin_arg(str(data)) == b"0123456789"
+    with pytest.raises(UsageError, match="larger than 4 bytes"):
+        read_stdin_arg(str(data), max_bytes=4)
+    with pytest.raises(UsageError, match="cannot read"):
+        read_stdin_arg(str(tmp_path / "missing"))
+
+    class FakeStdin:
+        buffer = io.BytesIO(b"from the pipe")
+
+    monkeypatch.setattr("sys.stdin", FakeStdin())
+    assert read_stdin_arg("-") == b"from the pipe"
+
+
+def test_mbox_mark_only_at_a_message_boundary(tmp_path: Path) -> None:
+    box = tmp_path / "mbox"
+    assert mbox_mark(box) is None  # missing
+    box.write_bytes(b"")
+    empty = mbox_mark(box)
+    assert empty is not None
+    assert empty.offset == 0
+    append_mbox(box, b"Subject: x\n\nhello\n")
+    mark = mbox_mark(box)
+    assert mark is not None
+    assert mark.offset == box.stat().st_size
+    assert mark.inode == box.stat().st_ino
+    with open(box, "ab") as fh:
+        fh.write(b"From half-written\nSubject: y\n")
+    assert mbox_mark(box) is None
+
+
+# --------------------------------------------------------------------------- pending store
+
+
+def _record(request_id: str, created: datetime) -> PendingRequest:
+    return PendingRequest(
+        request_id=request_id,
+        to="root@server.test",
+        server_fingerprint="A" * 40,
+        payload_sha256="0" * 64,
+        message_id="<m@client.test>",
+        created=created,
+        expires_at=created + timedelta(hours=1),
+    )
+
+
+def test_pending_store_round_trip_mark_answered_and_prune(tmp_path: Path) -> None:
+    store = PendingStore(tmp_path)
+    now = datetime.now(UTC).replace(microsecond=0)
+    fresh = _record("a" * 32, now)
+    old = _record("b" * 32, now - KEEP_RECORDS - timedelta(days=1))
+    store.save(fresh)
+    store.save(old)
+    assert store.load("a" * 32) == fresh
+    assert [r.request_id for r in store.all()] == ["b" * 32, "a" * 32]
+    done = store.mark_answered(fresh, now=now)
+    assert store.load("a" * 32).answered_at == now == done.answered_at
+    assert store.prune(now=now) == 1
+    assert [r.request_id for r in store.all()] == ["a" * 32]
+    assert not list(tmp_path.glob("pending/.pending.*"))  # no temp files left
+
+
+@pytest.mark.parametrize("bad", ["nope", "../../etc/passwd", "A" * 32, "a" * 31])
+def test_pending_store_refuses_ids_that_are_not_ids(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(UnknownRequestError) as err:
+        PendingStore(tmp_path).load(bad)
+    assert err.value.exit_code == ExitCode.FAILURE
+
+
+def test_unknown_request_id_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(UnknownRequestError, match="no request") as err:
+        PendingStore(tmp_path).load("c" * 32)
+    assert err.value.exit_code == ExitCode.FAILURE
+    assert err.value.hint is not None
+    assert "mailsh send" in err.value.hint
+
+
+def test_damaged_pending_record_is_reported(tmp_path: Path) -> None:
+    store = PendingStore(tmp_path)
+    store.directory.mkdir()
+    store.path_for("d" * 32).write_text("{not json")
+    with pytest.raises(Exception, match="damaged"):
+        store.load("d" * 32)
+    assert store.all() == []
