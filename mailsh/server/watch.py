@@ -8,9 +8,11 @@ leave mail waiting, so every design choice below errs towards waking:
 * inotify (``inotify_simple``) watches an mbox file (modify, close_write, attrib,
   move_self, delete_self) and its directory (create/moved_to of that file name only, so
   dotlocks such as ``PATH.lock`` do not wake us), and a Maildir's ``new/`` and ``cur/``
-  (create, moved_to). Watches are re-armed before ``wait`` returns, so a file replaced by
-  a new inode is followed, and events are drained only after re-arming: anything that
-  happens after that is either seen by the caller's scan or queued for the next wait.
+  (create, moved_to). Any directory is watched like a Maildir, which also covers the
+  mailsh spool (``Spool.put`` renames into ``new/``). Watches are re-armed before
+  ``wait`` returns, so a file replaced by a new inode is followed, and events are
+  drained only after re-arming: anything that happens after that is either seen by the
+  caller's scan or queued for the next wait.
 * A stat snapshot of every path (inode, size, mtime, ctime; for a Maildir the names in
   ``new/`` and ``cur/``) is taken when ``wait`` returns and compared at the start of
   the next one. Paths inotify cannot cover (inotify unavailable, path or its directory

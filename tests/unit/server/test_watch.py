@@ -179,3 +179,21 @@ def test_closed_watcher_refuses_to_wait(mbox: Path) -> None:
         pass
     with pytest.raises(ValueError, match="closed"):
         w.wait(0)
+
+
+def test_wakes_when_another_process_puts_into_the_spool(
+    make_watcher: MakeWatcher, tmp_path: Path
+) -> None:
+    """``mailsh deliver`` writes straight into the spool; the daemon watches its root."""
+    spool = Spool(tmp_path / "spool")
+    w = make_watcher(spool.root)
+    put = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from mailsh.server.spool import Spool\n"
+        "time.sleep(0.3)\n"
+        "Spool(Path(sys.argv[1])).put(b'x', source='pipe')\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", put, str(spool.root)]):
+        assert w.wait(10) is True
+    assert len(spool.pending()) == 1
