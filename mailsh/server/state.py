@@ -289,19 +289,25 @@ class StateDB:
     # -- plumbing -----------------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StateError(f"state database {self.path} is closed")
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
             return conn
-        with self._lock:
-            if self._closed:
-                raise StateError(f"state database {self.path} is closed")
         try:
             conn = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
             )
+        except sqlite3.Error as exc:
+            raise StateError(
+                f"cannot open state database {self.path}: {exc}",
+                hint=f"check that {self.path.parent} is a writable local directory",
+            ) from exc
+        try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             conn.execute("PRAGMA synchronous=FULL")
         except sqlite3.Error as exc:
+            conn.close()
             raise StateError(
                 f"cannot open state database {self.path}: {exc}",
                 hint=f"check that {self.path.parent} is a writable local directory",
@@ -313,6 +319,9 @@ class StateDB:
                 hint="keep the mailsh home on a local file system (not NFS)",
             )
         with self._lock:
+            if self._closed:  # closed while we connected
+                conn.close()
+                raise StateError(f"state database {self.path} is closed")
             self._conns.append(conn)
         self._local.conn = conn
         return conn
