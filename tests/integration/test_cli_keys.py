@@ -1,0 +1,291 @@
+"""The keygen / keys / trust commands: in-process through mailsh.cli.main and as a real
+subprocess (``python -m mailsh``), with throwaway homes in short paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+
+from mailsh.cli import app, main
+from tests.conftest import Home
+
+FPR_LINE = re.compile(r"^[0-9A-F]{40}$")
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> Run:
+    """Run ``mailsh ARGV`` in-process; every outcome is a SystemExit with a code."""
+    capsys.readouterr()
+    try:
+        main(list(argv))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    else:  # pragma: no cover - typer always exits in standalone mode
+        code = 0
+    out, err = capsys.readouterr()
+    return Run(code, out, err)
+
+
+def _kill_agents(home: Path) -> None:
+    subprocess.run(
+        ["gpgconf", "--homedir", str(home / "gnupg"), "--kill", "all"],
+        check=False,
+        capture_output=True,
+        timeout=30,
+    )
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    """An empty mailsh home in a short path (gpg-agent socket paths are limited)."""
+    root = Path(tempfile.mkdtemp(prefix="msc.", dir="/tmp"))
+    yield root / "home"
+    _kill_agents(root / "home")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    for name in [n for n in os.environ if n.startswith("MAILSH_")]:
+        monkeypatch.delenv(name)
+    return tmp_path
+
+
+# --------------------------------------------------------------------------------------
+# In-process
+# --------------------------------------------------------------------------------------
+
+
+def test_keygen_prints_fingerprint_and_writes_key(
+    capsys: pytest.CaptureFixture[str], home: Path, in_tmp: Path
+) -> None:
+    r = cli(capsys, "--home", str(home), "keygen", "--email", "ops@example.org")
+    assert r.code == 0, r.err
+    assert FPR_LINE.match(r.out.strip())
+    fpr = r.out.strip()
+    key = in_tmp / "ops@example.org.asc"
+    assert "BEGIN PGP PUBLIC KEY BLOCK" in key.read_text()
+    assert "trust add" in r.err
+
+    again = cli(capsys, "--home", str(home), "keygen", "--email", "ops@example.org")
+    assert again.code == 255
+    assert again.out == ""
+    assert "--force" in again.err
+    assert "next:" in again.err
+    assert "Traceback" not in again.err
+
+    show = cli(capsys, "--home", str(home), "keys", "show")
+    assert show.code == 0
+    assert show.out.splitlines()[0] == fpr
+    assert "ops@example.org" in show.out
+    shown = json.loads(cli(capsys, "--home", str(home), "keys", "show", "--json").out)
+    assert shown["fingerprint"] == fpr
+    assert any("ops@example.org" in uid for uid in shown["uids"])
+
+    exported = cli(capsys, "--home", str(home), "keys", "export")
+    assert exported.code == 0
+    assert exported.out.startswith("-----BEGIN PGP PUBLIC KEY BLOCK-----")
+    assert "PRIVATE" not in exported.out
+    r = cli(capsys, "--home", str(home), "keys", "export", "--output", str(in_tmp / "k.asc"))
+    assert r.code == 0
+    assert (in_tmp / "k.asc").read_text() == exported.out
+
+    forced = cli(capsys, "--home", str(home), "keygen", "--email", "ops@example.org", "--force")
+    assert forced.code == 0, forced.err
+    new = forced.out.strip()
+    assert FPR_LINE.match(new)
+    assert new != fpr
+    assert cli(capsys, "--home", str(home), "keys", "show").out.splitlines()[0] == new
+
+
+def test_trust_add_list_remove(
+    capsys: pytest.CaptureFixture[str], home: Path, in_tmp: Path, alice: Home, mallory: Home
+) -> None:
+    h = ("--home", str(home))
+    r = cli(capsys, *h, "trust", "list")
+    assert r.code == 0
+    assert r.out == ""
+    assert "trust add" in r.err
+
+    r = cli(capsys, *h, "trust", "add", str(alice.pubkey))
+    assert r.code == 0, r.err
+    assert r.out.strip() == alice.fingerprint
+    assert "alice@example.org" in r.err
+    r = cli(capsys, *h, "trust", "add", str(mallory.pubkey), "--reply-to", "m@evil.test")
+    assert r.code == 0, r.err
+
+    listed = cli(capsys, *h, "trust", "list")
+    assert f"{alice.fingerprint}  alice@example.org" in listed.out
+    doc = json.loads(cli(capsys, *h, "trust", "list", "--json").out)
+    assert [k["fingerprint"] for k in doc] == [alice.fingerprint, mallory.fingerprint]
+    assert doc[1]["reply_to"] == "m@evil.test"
+
+    r = cli(capsys, *h, "trust", "remove", mallory.fingerprint)
+    assert r.code == 0
+    assert mallory.fingerprint in r.err
+    doc = json.loads(cli(capsys, *h, "trust", "list", "--json").out)
+    assert [k["fingerprint"] for k in doc] == [alice.fingerprint]
+
+    r = cli(capsys, *h, "trust", "remove", mallory.fingerprint)
+    assert r.code == 255
+    assert "next: mailsh trust list" in r.err
+
+
+def test_missing_file_is_one_line_with_hint(
+    capsys: pytest.CaptureFixture[str], home: Path, in_tmp: Path
+) -> None:
+    r = cli(capsys, "--home", str(home), "trust", "add", str(in_tmp / "missing.asc"))
+    assert r.code == 255
+    assert r.out == ""
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("mailsh: ")
+    assert "missing.asc" in lines[0]
+    assert lines[1].strip().startswith("next:")
+    assert "Traceback" not in r.err
+
+
+def test_no_identity_hint(capsys: pytest.CaptureFixture[str], home: Path, in_tmp: Path) -> None:
+    r = cli(capsys, "--home", str(home), "keys", "show")
+    assert r.code == 255
+    assert "next: mailsh keygen" in r.err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["keygen"],
+        ["keygen", "--email"],
+        ["trust", "add"],
+        ["trust", "remove"],
+        ["no-such-command"],
+        ["keys", "show", "--bogus"],
+    ],
+)
+def test_usage_errors_exit_2(
+    capsys: pytest.CaptureFixture[str], home: Path, in_tmp: Path, argv: list[str]
+) -> None:
+    r = cli(capsys, "--home", str(home), *argv)
+    assert r.code == 2
+    assert "Traceback" not in r.err
+
+
+def test_bad_algo_and_address_are_not_tracebacks(
+    capsys: pytest.CaptureFixture[str], home: Path, in_tmp: Path
+) -> None:
+    r = cli(capsys, "--home", str(home), "keygen", "--email", "a@b.test", "--algo", "dsa")
+    assert r.code == 2
+    assert "next:" in r.err
+    r = cli(capsys, "--home", str(home), "keygen", "--email", "not an address")
+    assert r.code in (2, 255)
+    assert "Traceback" not in r.err
+    assert not (home / "gnupg" / "openpgp-revocs.d").exists()
+
+
+def _commands() -> Iterator[tuple[list[str], Any]]:
+    """Every command and group of the app (typer's vendored click objects)."""
+
+    def walk(cmd: Any, path: list[str]) -> Iterator[tuple[list[str], Any]]:
+        yield path, cmd
+        for name, sub in (getattr(cmd, "commands", None) or {}).items():
+            yield from walk(sub, [*path, name])
+
+    yield from walk(typer.main.get_command(app), [])
+
+
+COMMANDS = list(_commands())
+
+
+@pytest.mark.parametrize(
+    ("path", "cmd"), COMMANDS, ids=[" ".join(p) or "mailsh" for p, _ in COMMANDS]
+)
+def test_help_mentions_env_vars(
+    capsys: pytest.CaptureFixture[str], in_tmp: Path, path: list[str], cmd: Any
+) -> None:
+    r = cli(capsys, *path, "--help")
+    assert r.code == 0
+    flat = " ".join(r.out.split())
+    for param in cmd.params:
+        envvars = param.envvar if isinstance(param.envvar, list | tuple) else [param.envvar]
+        for name in filter(None, envvars):
+            assert name in flat, f"{' '.join(path)} --help does not mention {name}"
+
+
+def test_key_commands_document_their_env_vars(
+    capsys: pytest.CaptureFixture[str], in_tmp: Path
+) -> None:
+    assert "MAILSH_HOME" in cli(capsys, "--help").out
+    assert "MAILSH_PASSPHRASE_FILE" in " ".join(cli(capsys, "keygen", "--help").out.split())
+
+
+# --------------------------------------------------------------------------------------
+# Real subprocess
+# --------------------------------------------------------------------------------------
+
+
+def mailsh(*argv: str, env_home: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(cwd),
+        "MAILSH_HOME": str(env_home),
+        "LC_ALL": "C.UTF-8",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "mailsh", *argv],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+def test_subprocess_keygen_and_trust(home: Path, tmp_path: Path, alice: Home) -> None:
+    r = mailsh("keygen", "--email", "srv@example.org", env_home=home, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert FPR_LINE.match(r.stdout.strip())
+    assert (tmp_path / "srv@example.org.asc").exists()
+    assert (home / "gnupg").is_dir()
+    assert (home.stat().st_mode & 0o777) == 0o700
+
+    r = mailsh("keygen", "--email", "srv@example.org", env_home=home, cwd=tmp_path)
+    assert r.returncode == 255
+    assert "--force" in r.stderr
+    assert "Traceback" not in r.stderr
+
+    r = mailsh("trust", "add", str(alice.pubkey), env_home=home, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == alice.fingerprint
+    r = mailsh("trust", "list", "--json", env_home=home, cwd=tmp_path)
+    assert json.loads(r.stdout)[0]["fingerprint"] == alice.fingerprint
+    assert ((home / "trust.json").stat().st_mode & 0o777) == 0o600
+
+    r = mailsh("trust", "add", str(tmp_path / "nope.asc"), env_home=home, cwd=tmp_path)
+    assert r.returncode == 255
+    assert r.stdout == ""
+    assert "next:" in r.stderr
+    assert "Traceback" not in r.stderr
+
+    r = mailsh("trust", env_home=home, cwd=tmp_path)
+    assert r.returncode in (0, 2)  # no_args_is_help
+    assert mailsh("keygen", env_home=home, cwd=tmp_path).returncode == 2
