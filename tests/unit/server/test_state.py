@@ -371,6 +371,29 @@ def test_finish_with_reply_queues_exactly_one_reply(db: StateDB) -> None:
         reply(db, "m1", MessageState.DISCARDED)
 
 
+def test_racing_workers_report_a_message_once(db: StateDB) -> None:
+    db.record_message("m1", "mbox", 10, "h")
+    barrier = threading.Barrier(8)
+    outcomes: list[str] = []
+
+    def worker() -> None:
+        barrier.wait()
+        try:
+            reply(db, "m1", MessageState.REPLIED)
+            outcomes.append("queued")
+        except StateError as exc:
+            outcomes.append(exc.message)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes)[-1] == "queued" and outcomes.count("queued") == 1
+    assert all("already replied" in o for o in outcomes if o != "queued")
+    assert len(db.due_outbound(T0)) == 1
+
+
 def test_replayed_message_does_not_finish_the_original_claim(db: StateDB) -> None:
     db.record_message("m1", "mbox", 10, "h")
     db.record_message("m2", "mbox", 10, "h")
