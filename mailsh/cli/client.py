@@ -295,7 +295,7 @@ def _wait_and_render(settings: Settings, record: PendingRequest, *, json_out: bo
                 settings,
                 gpg_for(settings),
                 record,
-                on_warning=lambda text: say(f"mailsh: {text}"),
+                on_warning=_note,
             )
     except KeyboardInterrupt:
         from mailsh.errors import MailshError
@@ -305,6 +305,13 @@ def _wait_and_render(settings: Settings, record: PendingRequest, *, json_out: bo
             hint=f"check later with: mailsh wait-reply {rid}",
         ) from None
     _render(reply, json_out=json_out)
+
+
+def _note(text: str) -> None:
+    """Informational lines while waiting: only on a terminal, so that a script's stderr
+    carries nothing but the remote stderr and real errors."""
+    if sys.stderr.isatty():
+        say(f"mailsh: {text}")
 
 
 @contextlib.contextmanager

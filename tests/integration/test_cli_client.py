@@ -1,0 +1,334 @@
+"""``mailsh send`` / ``mailsh wait-reply`` end to end: real SMTP on 127.0.0.1, real keys,
+a test server built from the library that answers into a real mbox or Maildir.
+
+The CLI runs in-process through the one error funnel (``mailsh.cli.main``) and once as a
+real subprocess (``python -m mailsh``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailsh.cli import main
+from mailsh.client.pending import PendingStore
+from mailsh.protocol import ReplyStatus
+from tests.conftest import Home
+from tests.unit.client.test_send import (
+    Rig,
+    Sink,
+    answer,
+    append_mbox,
+    closed_port,
+    drop_maildir,
+    make_rig,
+    open_as_server,
+    smtp_sink,
+)
+
+ID_LINE = re.compile(rb"^[0-9a-f]{32}\n$")
+
+
+@pytest.fixture(scope="module")
+def rig(
+    make_home: Callable[..., Home], server: Home, tmp_path_factory: pytest.TempPathFactory
+) -> Rig:
+    return make_rig(make_home, server, tmp_path_factory.mktemp("rig"))
+
+
+@pytest.fixture
+def sink() -> Iterator[tuple[Sink, str]]:
+    with smtp_sink() as pair:
+        yield pair
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("MAILSH_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="module")
+def mallory_signs(rig: Rig, mallory: Home) -> Home:
+    mallory.gpg.raw.import_keys(rig.client.pubkey.read_text())
+    return mallory
+
+
+Run = Callable[..., tuple[int, bytes, bytes]]
+
+
+@pytest.fixture
+def run(capsysbinary: pytest.CaptureFixture[bytes], rig: Rig) -> Run:
+    """Run ``mailsh --home CLIENT ARGS...`` in-process: (exit status, stdout, stderr)."""
+
+    def call(*args: str) -> tuple[int, bytes, bytes]:
+        capsysbinary.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            main(["--home", str(rig.client.path), *args])
+        out, err = capsysbinary.readouterr()
+        code = exited.value.code
+        return (code if isinstance(code, int) else 0 if code is None else 1), out, err
+
+    return call
+
+
+def auto_answer(
+    rig: Rig, box: Sink, deliver: Callable[[bytes], object], delay: float = 0, **fields: Any
+) -> None:
+    """Make the SMTP sink act as the server: answer each request into ``deliver``."""
+
+    def respond(raw: bytes) -> None:
+        mail = answer(rig, raw, **fields)
+        time.sleep(delay)
+        deliver(mail)
+
+    box.on_message = respond
+
+
+def _send(run: Run, rig: Rig, url: str, *extra: str, command: str = "id") -> str:
+    code, out, err = run("send", command, "--to", rig.server.email, "--smtp", url, *extra)
+    assert code == 0, err
+    assert ID_LINE.match(out), out
+    return out.decode().strip()
+
+
+# --------------------------------------------------------------------------- send
+
+
+def test_send_prints_only_the_request_id_and_records_it(
+    run: Run, rig: Rig, sink: tuple[Sink, str]
+) -> None:
+    box, url = sink
+    rid = _send(run, rig, url)
+    box.wait_for(1)
+    assert rid.encode() in box.messages[0][2]
+    assert PendingStore(rig.client.path).load(rid).to == rig.server.email
+
+
+@pytest.mark.parametrize(
+    ("fields", "status"),
+    [({"exit_code": 0}, 0), ({"exit_code": 3}, 3), ({"signal": 9}, 137)],
+    ids=["exit-0", "exit-3", "sigkill-137"],
+)
+def test_wait_reply_exits_with_the_remote_status(
+    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path, fields: dict[str, int], status: int
+) -> None:
+    box, url = sink
+    mbox = tmp_path / "mbox"
+    auto_answer(rig, box, lambda mail: append_mbox(mbox, mail), stdout=b"remote out\n", **fields)
+    rid = _send(run, rig, url)
+    code, out, err = run("wait-reply", rid, "--mbox", str(mbox), "--timeout", "60")
+    assert (code, out, err) == (status, b"remote out\n", b"")
+
+
+def test_stdout_and_stderr_are_separate_and_byte_exact(
+    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+) -> None:
+    box, url = sink
+    maildir = tmp_path / "Maildir"
+    drop_maildir(maildir, b"Subject: hello\n\nnot for mailsh\n")
+    stdout = bytes(range(256)) * 3 + b"\r\nno newline at end"
+    stderr = b"\xff\xfe not utf-8 \x1b[31m\r\n\x00"
+    auto_answer(rig, box, lambda mail: drop_maildir(maildir, mail), stdout=stdout, stderr=stderr)
+    rid = _send(run, rig, url)
+    code, out, err = run("wait-reply", rid, "--maildir", str(maildir), "--timeout", "60")
+    assert (code, out, err) == (0, stdout, stderr)
+
+
+def test_send_wait_round_trip_picks_up_a_reply_arriving_while_waiting(
+    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+) -> None:
+    box, url = sink
+    mbox = tmp_path / "mbox"
+    mbox.write_bytes(b"")
+    auto_answer(rig, box, lambda mail: append_mbox(mbox, mail), delay=1.0, stdout=b"Linux\n")
+    code, out, err = run(
+        "send", "--to", rig.server.email, "--smtp", url,
+        "--wait", "--mbox", str(mbox), "--wait-timeout", "60", "--", "uname", "-s",
+    )  # fmt: skip
+    assert (code, out, err) == (0, b"Linux\n", b"")
+    assert open_as_server(rig, box.messages[0][2]).command == "uname -s"
+
+
+def test_remote_timeout_is_reported_with_the_server_status(
+    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+) -> None:
+    box, url = sink
+    mbox = tmp_path / "mbox"
+    auto_answer(
+        rig, box, lambda mail: append_mbox(mbox, mail), signal=9, timed_out=True, stdout=b"part"
+    )
+    rid = _send(run, rig, url, "--timeout", "1")
+    code, out, err = run("wait-reply", rid, "--mbox", str(mbox), "--timeout", "60")
+    assert (code, out) == (137, b"part")
+    assert b"timed out and was killed by signal 9" in err
+
+
+def test_rejected_request_exits_255_with_the_reason(
+    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+) -> None:
+    box, url = sink
+    mbox = tmp_path / "mbox"
+    auto_answer(
+        rig,
+        box,
+        lambda mail: append_mbox(mbox, mail),
+        status=ReplyStatus.REJECTED,
+        reason="request-expired: too old",
+    )
+    rid = _send(run, rig, url)
+    code, out, err = run("wait-reply", rid, "--mbox", str(mbox), "--timeout", "60")
+    assert (code, out) == (255, b"")
+    assert f"rejected request {rid}: request-expired: too old".encode() in err
+
+
+def test_json_prints_the_whole_reply_and_keeps_the_status(
+    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+) -> None:
+    box, url = sink
+    mbox = tmp_path / "mbox"
+    auto_answer(
+        rig, box, lambda mail: append_mbox(mbox, mail), exit_code=3, stdout=b"\x00x", stderr=b"e"
+    )
+    rid = _send(run, rig, url)
+    code, out, err = run("wait-reply", rid, "--mbox", str(mbox), "--timeout", "60", "--json")
+    assert (code, err) == (3, b"")
+    doc = json.loads(out)
+    assert doc["request_id"] == rid
+    assert base64.b64decode(doc["stdout"]) == b"\x00x"
+    assert base64.b64decode(doc["stderr"]) == b"e"
+    assert (doc["exit_code"], doc["shell_status"], doc["status"]) == (3, 3, "ok")
+
+
+def test_answered_request_can_be_printed_again(
+    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+) -> None:
+    box, url = sink
+    mbox = tmp_path / "mbox"
+    auto_answer(rig, box, lambda mail: append_mbox(mbox, mail), stdout=b"again")
+    rid = _send(run, rig, url)
+    first = run("wait-reply", rid, "--mbox", str(mbox), "--timeout", "60")
+    assert first == (0, b"again", b"")
+    assert run("wait-reply", rid, "--mbox", str(mbox), "--timeout", "5") == first
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_wait_timeout_exits_255_and_says_how_to_check_later(
+    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+) -> None:
+    _, url = sink
+    mbox = tmp_path / "mbox"
+    rid = _send(run, rig, url)
+    code, out, err = run("wait-reply", rid, "--mbox", str(mbox), "--timeout", "0.3")
+    assert (code, out) == (255, b"")
+    assert b"no reply after 0.3s; the request may still run" in err
+    assert f"check later with: mailsh wait-reply {rid}".encode() in err
+
+
+def test_only_invalid_replies_are_named_at_the_timeout(
+    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path, mallory_signs: Home
+) -> None:
+    box, url = sink
+    mbox = tmp_path / "mbox"
+    auto_answer(rig, box, lambda mail: append_mbox(mbox, mail), signer=mallory_signs)
+    rid = _send(run, rig, url)
+    box.wait_for(1)
+    deadline = time.monotonic() + 30
+    while not mbox.exists() and time.monotonic() < deadline:  # the forged reply is there
+        time.sleep(0.05)
+    code, _, err = run("wait-reply", rid, "--mbox", str(mbox), "--timeout", "0.5")
+    assert code == 255
+    assert b"no valid reply after 0.5s, only 1 invalid reply ignored (" in err
+
+
+def test_unknown_request_id(run: Run) -> None:
+    code, out, err = run("wait-reply", "0" * 32, "--mbox", "/tmp/none", "--timeout", "1")
+    assert (code, out) == (255, b"")
+    assert b"no request 00000000000000000000000000000000 was sent from this home" in err
+
+
+def test_no_transport_configured(run: Run, rig: Rig) -> None:
+    code, out, err = run("send", "id", "--to", rig.server.email)
+    assert (code, out) == (255, b"")
+    assert b"no way to send mail is configured" in err
+    assert b"--smtp smtp://host:587 or --sendmail /usr/sbin/sendmail" in err
+
+
+def test_unknown_server_key(run: Run, sink: tuple[Sink, str]) -> None:
+    _, url = sink
+    code, _, err = run("send", "id", "--to", "who@unknown.test", "--smtp", url)
+    assert code == 255
+    assert b"no trusted key for the server who@unknown.test" in err
+    assert b"mailsh trust add SERVER.asc" in err
+
+
+def test_send_wait_refuses_an_unverifiable_reply_before_sending(
+    run: Run, sink: tuple[Sink, str], tmp_path: Path
+) -> None:
+    box, url = sink
+    code, _, err = run(
+        "send", "id", "--to", "who@unknown.test", "--smtp", url, "--no-encrypt",
+        "--wait", "--mbox", str(tmp_path / "mbox"),
+    )  # fmt: skip
+    assert code == 255
+    assert b"could not be verified" in err
+    assert box.messages == []
+
+
+def test_connection_refused(run: Run, rig: Rig) -> None:
+    code, _, err = run(
+        "send", "id", "--to", rig.server.email, "--smtp", f"smtp://127.0.0.1:{closed_port()}"
+    )
+    assert code == 255
+    assert b"refused" in err
+
+
+def test_missing_maildir(run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path) -> None:
+    _, url = sink
+    rid = _send(run, rig, url)
+    code, _, err = run("wait-reply", rid, "--maildir", str(tmp_path / "nope"))
+    assert code == 255
+    assert b"is not a Maildir" in err
+
+
+def test_wait_options_without_wait_are_a_usage_error(run: Run, rig: Rig) -> None:
+    code, _, err = run("send", "id", "--to", rig.server.email, "--json")
+    assert code == 2
+    assert b"only apply with --wait" in err
+
+
+# --------------------------------------------------------------------------- subprocess
+
+
+def test_real_subprocess_round_trip(rig: Rig, sink: tuple[Sink, str], tmp_path: Path) -> None:
+    box, url = sink
+    mbox = tmp_path / "mbox"
+    auto_answer(
+        rig, box, lambda mail: append_mbox(mbox, mail), exit_code=7, stdout=b"o\n", stderr=b"e\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSH_")}
+    env["MAILSH_REPLY_MBOX"] = str(mbox)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mailsh", "--home", str(rig.client.path),
+         "send", "echo o; echo e >&2; exit 7", "--to", rig.server.email, "--smtp", url,
+         "--wait", "--wait-timeout", "120"],
+        env=env,
+        capture_output=True,
+        timeout=180,
+        check=False,
+    )  # fmt: skip
+    assert (proc.returncode, proc.stdout, proc.stderr) == (7, b"o\n", b"e\n")
+    assert box.messages[0][2].count(b"mailsh request") >= 1
