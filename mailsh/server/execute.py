@@ -11,24 +11,26 @@ several threads at once: there is no ``preexec_fn``; resource limits are set by 
 ``prlimit`` exec'd in front of the shell (see :func:`_limited`).
 
 What this does NOT contain (THREATS.md "Execution"): session and process-group
-membership is voluntary. A command can leave with ``setsid`` (``setsid cmd &``, or the
-classic daemonizing fork/setsid/fork), after which neither ``killpg`` nor the session
-sweep here can see it: it survives the timeout, keeps running as the target user and may
-hold the output pipes open (we close our ends after the grace period, so its next write
-to them gets SIGPIPE/EPIPE). It can also reach processes that
-are not its descendants at all: anything it can signal or ptrace as that user, ``at``,
-``cron``, ``systemd-run --user`` or an existing ``tmux``/``screen`` server start work in
-*other* sessions on its behalf. Process groups are a cleanup convenience, not a boundary.
+membership is voluntary. A plain double fork stays in the group and is killed, but a
+process that calls ``setsid()`` (``setsid cmd &``, or the classic daemonizing
+fork/setsid/fork, e.g. ``daemon``, ``nohup setsid``) leaves both, and neither ``killpg``
+nor the session sweep here can see it: it survives the timeout, keeps running as the
+target user and may hold the output pipes open (we close our ends after the grace period,
+so its next write to them gets SIGPIPE/EPIPE). A command can also start work outside its
+own descendants altogether (``at``, ``cron``, ``systemd-run --user``, an existing
+``tmux``/``screen`` server) and signal or ptrace any other process of the same user.
+Process groups are a cleanup convenience, not a boundary.
 
-For a real boundary run ``mailsh serve`` under a systemd unit (or another cgroup manager)
-and run commands as a dedicated unprivileged user that cannot read the server's home or
-keys: ``KillMode=control-group`` kills every process in the unit's cgroup however it
-detached, ``TasksMax=`` bounds processes via the pids controller (unlike RLIMIT_NPROC it
-counts only this cgroup and cannot be raced), ``MemoryMax=``/``CPUQuota=`` bound the rest,
-``NoNewPrivileges=yes`` stops setuid binaries from regaining privilege, ``PrivateTmp=yes``
-and ``ProtectSystem=strict``/``ProtectHome=`` limit what the command can touch. Per-command
-containment (a transient ``systemd-run --scope``/cgroup per request) is stronger still and
-is left for later.
+For a real boundary, run commands as a dedicated unprivileged user that cannot read the
+server's home or keys, and run ``mailsh serve`` under a systemd unit (or another cgroup
+manager): ``KillMode=control-group`` kills every process left in the unit's cgroup,
+however it detached, when the service stops or restarts (not after each command);
+``TasksMax=`` bounds processes via the pids controller (counted per cgroup, not per user,
+and not raceable like RLIMIT_NPROC); ``MemoryMax=``/``CPUQuota=`` bound the rest;
+``NoNewPrivileges=yes`` stops setuid binaries from gaining privilege; ``PrivateTmp=yes``,
+``ProtectSystem=strict`` and ``ProtectHome=`` limit what commands can touch. Killing
+escapees after each command needs a cgroup per command (e.g. a transient
+``systemd-run --scope`` unit, killed as a whole); that is left for later.
 
 Linux only: the session sweep reads ``/proc`` and exit detection uses ``pidfd_open(2)``
 (falling back to polling).
