@@ -204,8 +204,10 @@ def send(
     """
     from mailsh.client.send import read_stdin_arg, send_request
 
-    if not wait and (mbox or maildir or imap or wait_timeout is not None or json_out):
-        raise _usage("--mbox/--maildir/--imap/--wait-timeout/--json only apply with --wait")
+    if json_out and not wait:
+        raise _usage("--json only applies with --wait (send alone prints just the id)")
+    # --mbox etc. also count without --wait (and come from MAILSH_REPLY_* then): send
+    # notes where the reply mbox ends now, so wait-reply scans only what arrives later.
     settings = settings_from(
         smtp=smtp,
         sendmail=sendmail,

@@ -307,7 +307,7 @@ def test_missing_maildir(run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: P
 def test_wait_options_without_wait_are_a_usage_error(run: Run, rig: Rig) -> None:
     code, _, err = run("send", "id", "--to", rig.server.email, "--json")
     assert code == 2
-    assert b"only apply with --wait" in err
+    assert b"--json only applies with --wait" in err
 
 
 # --------------------------------------------------------------------------- subprocess
@@ -332,3 +332,17 @@ def test_real_subprocess_round_trip(rig: Rig, sink: tuple[Sink, str], tmp_path: 
     )  # fmt: skip
     assert (proc.returncode, proc.stdout, proc.stderr) == (7, b"o\n", b"e\n")
     assert box.messages[0][2].count(b"mailsh request") >= 1
+
+
+def test_reply_mbox_from_the_environment_is_noted_at_send_time(
+    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: MAILSH_REPLY_MBOX set for wait-reply must not break a plain send."""
+    _, url = sink
+    mbox = tmp_path / "mbox"
+    append_mbox(mbox, b"Subject: old\n\nold mail\n")
+    monkeypatch.setenv("MAILSH_REPLY_MBOX", str(mbox))
+    rid = _send(run, rig, url)
+    mark = PendingStore(rig.client.path).load(rid).mbox_mark
+    assert mark is not None
+    assert mark.offset == mbox.stat().st_size
