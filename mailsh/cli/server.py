@@ -1,3 +1,238 @@
-"""``mailsh`` server commands."""
+"""``mailsh serve``, ``mailsh status`` and ``mailsh deliver``."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mailsh.cli import GlobalOpts, app, say, settings_from, usage_error
+
+
+def _listen(value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise usage_error(f"bad --smtp-listen {value!r}", "use HOST:PORT, e.g. 127.0.0.1:2525")
+    return host.strip("[]"), int(port)
+
+
+def _setup_logging(fmt: str) -> None:
+    from mailsh.server.logs import setup_logging
+
+    setup_logging(fmt, debug=GlobalOpts.debug)
+
+
+@app.command()
+def serve(
+    mbox: Annotated[
+        Optional[list[Path]],  # noqa: UP045
+        typer.Option("--mbox", help="An mbox to take mail from (e.g. /var/mail/root). Repeatable."),
+    ] = None,
+    maildir: Annotated[
+        Optional[list[Path]],  # noqa: UP045
+        typer.Option("--maildir", help="A Maildir to take mail from. Repeatable."),
+    ] = None,
+    smtp_listen: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--smtp-listen",
+            envvar="MAILSH_SMTP_LISTEN",
+            help="Also accept mail over SMTP on HOST:PORT (embedded listener).",
+        ),
+    ] = None,
+    address: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            "--address",
+            envvar="MAILSH_ADDRESS",
+            help="An address this server answers to [the server key's email]. Repeatable.",
+        ),
+    ] = None,
+    smtp: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--smtp",
+            envvar="MAILSH_SMTP",
+            help="Send replies via smtp://[user@]host[:port] or smtps://... "
+            "(password in MAILSH_SMTP_PASSWORD).",
+        ),
+    ] = None,
+    sendmail: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "--sendmail", envvar="MAILSH_SENDMAIL", help="Send replies via this sendmail."
+        ),
+    ] = None,
+    smtp_ca_file: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--ca-file", envvar="MAILSH_SMTP_CA_FILE", help="CA file for --smtp TLS."),
+    ] = None,
+    once: Annotated[
+        bool, typer.Option("--once", help="Process everything pending, then exit 0.")
+    ] = False,
+    workers: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option("--workers", envvar="MAILSH_WORKERS", help="Concurrent commands [1]."),
+    ] = None,
+    run_as: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--run-as", envvar="MAILSH_RUN_AS", help="Run commands as this user."),
+    ] = None,
+    workdir: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--workdir", envvar="MAILSH_WORKDIR", help="Commands' working dir [/]."),
+    ] = None,
+    command_timeout: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            "--command-timeout",
+            envvar="MAILSH_COMMAND_TIMEOUT",
+            help="Default wall-clock limit per command, seconds [60].",
+        ),
+    ] = None,
+    max_command_timeout: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            "--max-command-timeout",
+            envvar="MAILSH_MAX_COMMAND_TIMEOUT",
+            help="Cap on what a request may ask for, seconds [3600].",
+        ),
+    ] = None,
+    max_output_bytes: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            "--max-output-bytes",
+            envvar="MAILSH_MAX_OUTPUT_BYTES",
+            help="Output kept per stream (stdout, stderr) [1 MiB].",
+        ),
+    ] = None,
+    require_encryption: Annotated[
+        Optional[bool],  # noqa: UP045
+        typer.Option(
+            "--require-encryption/--allow-signed-only",
+            envvar="MAILSH_REQUIRE_ENCRYPTION",
+            help="Refuse requests that were signed but not encrypted [allow].",
+        ),
+    ] = None,
+    poll_interval: Annotated[
+        float, typer.Option("--poll-interval", help="Polling fallback when inotify is absent.")
+    ] = 2.0,
+    shutdown_grace: Annotated[
+        float,
+        typer.Option(
+            "--shutdown-grace",
+            help="On SIGTERM, let running commands finish this long (seconds).",
+        ),
+    ] = 30.0,
+    log_format: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--log-format", envvar="MAILSH_LOG_FORMAT", help="text or json [text]."),
+    ] = None,
+) -> None:
+    """Run commands that arrive as signed mail, and mail back signed, encrypted results.
+
+    Mail comes from --mbox, --maildir and/or --smtp-listen; replies leave through --smtp or
+    --sendmail. Only keys pinned with `mailsh trust add` may run commands. See
+    docs/server.md for deployment.
+    """
+    from mailsh.server.daemon import ServeOptions, Server
+
+    settings = settings_from(
+        address=address,
+        smtp=smtp,
+        sendmail=sendmail,
+        smtp_ca_file=smtp_ca_file,
+        workers=workers,
+        run_as=run_as,
+        workdir=workdir,
+        command_timeout=command_timeout,
+        max_command_timeout=max_command_timeout,
+        max_output_bytes=max_output_bytes,
+        require_encryption=require_encryption,
+        log_format=log_format,
+    )
+    if not (mbox or maildir or smtp_listen):
+        raise usage_error(
+            "no mail source given",
+            "mailsh serve --mbox /var/mail/root   (or --maildir DIR / --smtp-listen HOST:PORT)",
+        )
+    _setup_logging(settings.log_format)
+    server = Server(
+        settings,
+        ServeOptions(
+            mboxes=list(mbox or []),
+            maildirs=list(maildir or []),
+            smtp_listen=_listen(smtp_listen),
+            once=once,
+            poll_interval=poll_interval,
+            shutdown_grace=shutdown_grace,
+        ),
+    )
+    server.install_signal_handlers()
+    server.run()
+    if server.abandoned:
+        import logging
+        import os
+
+        logging.shutdown()
+        os._exit(0)  # worker threads still run commands that were reported outcome-unknown
+
+
+@app.command()
+def status(
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show the server's message counts, pending work, outbound queue and last errors."""
+    import json
+
+    from mailsh.server.state import StateDB
+
+    settings = settings_from()
+    if not settings.state_db.exists():
+        say(f"no server state in {settings.home} yet; start one with: mailsh serve --mbox ...")
+        raise typer.Exit(1)
+    report = StateDB(settings.state_db).status_report()
+    pending = len(list((settings.spool_dir / "new").glob("*")))
+    report["spool_pending"] = pending
+    if json_out:
+        typer.echo(json.dumps(report, indent=2, default=str))
+        return
+    for key, value in report.items():
+        if isinstance(value, list):
+            typer.echo(f"{key}:")
+            for item in value:
+                typer.echo(f"  {item}")
+        else:
+            typer.echo(f"{key}: {value}")
+
+
+@app.command()
+def deliver() -> None:
+    """Take one message on stdin into the server's spool (Postfix mailbox_command / pipe).
+
+    Exits 0 only once the message is durable; on any failure exits 75 (EX_TEMPFAIL) so
+    the MTA keeps the message and retries. Run `mailsh serve` on the same --home to
+    process what was delivered.
+    """
+    from mailsh.errors import DeliveryTempFailError, MailshError
+
+    try:
+        from mailsh.server.spool import Spool
+
+        settings = settings_from()
+        data = sys.stdin.buffer.read(settings.max_message_bytes + 1)
+        if len(data) > settings.max_message_bytes:
+            say(f"mailsh deliver: message larger than {settings.max_message_bytes} bytes")
+            raise typer.Exit(73)  # EX_CANTCREAT: permanent, the MTA bounces it
+        stored = Spool(settings.spool_dir).put(data, source="pipe")
+    except MailshError as exc:
+        raise DeliveryTempFailError(
+            f"could not store the message: {exc.message}", hint=exc.hint
+        ) from exc
+    except OSError as exc:
+        raise DeliveryTempFailError(f"could not store the message: {exc}") from exc
+    say(f"stored as {stored.id}")

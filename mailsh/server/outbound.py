@@ -1,0 +1,140 @@
+"""The outbound queue worker: replies leave the server here, and are never dropped.
+
+Replies are queued durably in the state database by the processor. This worker sends
+what is due through ``--smtp URL`` or ``--sendmail PATH``; a failed send stays queued
+and is retried with exponential backoff, across restarts (P9). Permanent failures are
+retried too, but fewer times, since an operator can often fix them (wrong password,
+missing CA file); after ``MAX_PERMANENT_ATTEMPTS`` the reply is parked as failed and
+shown by ``mailsh status``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from mailsh.errors import ConfigError, TransportError
+from mailsh.server.state import StateDB, next_backoff
+from mailsh.settings import Settings
+from mailsh.transport import (
+    SmtpOptions,
+    is_temporary,
+    parse_smtp_url,
+    send_sendmail,
+    send_smtp,
+)
+
+log = logging.getLogger("mailsh.server")
+
+Mailer = Callable[[str, str, bytes], None]  # (mail_from, rcpt_to, message)
+MAX_PERMANENT_ATTEMPTS = 5
+
+
+def mailer_from_settings(settings: Settings) -> Mailer:
+    """How this process sends mail: ``--smtp URL`` or ``--sendmail PATH``."""
+    if settings.smtp and settings.sendmail:
+        raise ConfigError("both --smtp and --sendmail are set", hint="choose one way to send mail")
+    if settings.smtp:
+        target = parse_smtp_url(settings.smtp)
+        options = SmtpOptions(
+            require_tls=settings.require_tls,
+            ca_file=settings.smtp_ca_file,
+            password=settings.smtp_password,
+        )
+
+        def via_smtp(mail_from: str, rcpt_to: str, message: bytes) -> None:
+            send_smtp(target, options, mail_from=mail_from, rcpt_to=[rcpt_to], message=message)
+
+        return via_smtp
+    if settings.sendmail:
+        path = settings.sendmail
+
+        def via_sendmail(mail_from: str, rcpt_to: str, message: bytes) -> None:
+            send_sendmail(path, mail_from=mail_from, rcpt_to=[rcpt_to], message=message)
+
+        return via_sendmail
+    raise ConfigError(
+        "no way to send mail is configured",
+        hint="pass --smtp smtp://host:587 or --sendmail /usr/sbin/sendmail "
+        "(or set MAILSH_SMTP / MAILSH_SENDMAIL)",
+    )
+
+
+class OutboundWorker:
+    """Sends due replies; ``kick()`` wakes it when the processor queued one."""
+
+    def __init__(self, state: StateDB, mailer: Mailer) -> None:
+        self.state = state
+        self.mailer = mailer
+        self._wake = threading.Event()
+        self._flushing = threading.Lock()  # one sender at a time: never send a reply twice
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    def flush(self) -> int:
+        """Send everything due now; returns how many were sent."""
+        with self._flushing:
+            return self._flush()
+
+    def _flush(self) -> int:
+        sent = 0
+        for item in self.state.due_outbound(datetime.now(UTC)):
+            try:
+                self.mailer(item.from_addr, item.to_addr, item.message)
+            except TransportError as exc:
+                attempts = item.attempts + 1
+                temporary = is_temporary(exc)
+                if not temporary and attempts >= MAX_PERMANENT_ATTEMPTS:
+                    self.state.mark_failed(item.id, exc.message, None)
+                    log.error("giving up on reply %s to %s: %s", item.id, item.to_addr, exc)
+                    continue
+                when = datetime.now(UTC) + next_backoff(attempts)
+                self.state.mark_failed(item.id, exc.message, when)
+                log.warning(
+                    "reply %s to %s not sent (%s); retry at %s",
+                    item.id,
+                    item.to_addr,
+                    exc.message,
+                    when.isoformat(timespec="seconds"),
+                )
+                continue
+            except Exception:  # never let one reply kill the worker
+                log.exception("sending reply %s failed unexpectedly", item.id)
+                self.state.mark_failed(
+                    item.id, "internal error", datetime.now(UTC) + next_backoff(item.attempts + 1)
+                )
+                continue
+            self.state.mark_sent(item.id)
+            log.info("reply %s sent to %s", item.id, item.to_addr)
+            sent += 1
+        return sent
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="mailsh-outbound", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.flush()
+            except Exception:
+                log.exception("outbound queue error")
+            self._wake.wait(timeout=self._next_wait())
+            self._wake.clear()
+
+    def _next_wait(self) -> float:
+        due = self.state.next_outbound_due()
+        if due is None:
+            return 30.0
+        return max(0.05, min(30.0, (due - datetime.now(UTC)).total_seconds()))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
