@@ -21,6 +21,7 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -67,6 +68,27 @@ def server_identity(settings: Settings, gpg: Gpg) -> ServerIdentity:
             )
         addresses = [identity.email]
     return ServerIdentity(fingerprint=identity.fingerprint, addresses=addresses)
+
+
+def _claimant_gone_or_me(claimed_by: str) -> bool:
+    host, _, pid_text = claimed_by.rpartition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return True  # another host's claim in a shared home: nobody else will settle it
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    # The pid exists; it is a live claimant only if it is a mailsh serve process.
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+    return b"mailsh" not in cmdline
 
 
 class Server:
@@ -244,9 +266,15 @@ class Server:
         self.report_unfinished()
 
     def report_unfinished(self) -> None:
-        """Claimed requests that never finished: report outcome unknown, never re-run."""
+        """Claimed requests that never finished: report outcome unknown, never re-run.
+
+        Only claims of this process or of a process that no longer exists on this host
+        are settled: another live serve sharing the home is still running its command.
+        """
         trust = load_trust(self.settings.trust_file)
         for claimed in self.state.unfinished_requests():
+            if not _claimant_gone_or_me(claimed.claimed_by):
+                continue
             fut = self._inflight.get(claimed.spool_id)
             if fut is not None and not fut.done():
                 self.abandoned += 1  # still running after the grace period
