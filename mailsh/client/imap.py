@@ -113,7 +113,7 @@ def parse_imap_url(url: str) -> ImapTarget:
     if not host:
         raise _bad_url(url, "a host is required")
     try:
-        port = parts.port or DEFAULT_PORTS[scheme]
+        port = DEFAULT_PORTS[scheme] if parts.port is None else parts.port
     except ValueError as exc:
         raise _bad_url(url, "port must be a number from 1 to 65535") from exc
     if port == 0:
