@@ -137,8 +137,9 @@ def main(argv: list[str] | None = None) -> None:
 
 # Register the commands (each module only imports typer at import time).
 from mailsh.cli import client as _client  # noqa: E402
+from mailsh.cli import demo as _demo  # noqa: E402
 from mailsh.cli import keys as _keys  # noqa: E402
 from mailsh.cli import server as _server  # noqa: E402
 
 __all__ = ["GlobalOpts", "app", "gpg_for", "main", "say", "settings_from", "usage_error"]
-_ = (_keys, _server, _client)
+_ = (_keys, _server, _client, _demo)

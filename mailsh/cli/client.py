@@ -306,7 +306,7 @@ def _wait_and_render(settings: Settings, record: PendingRequest, *, json_out: bo
             f"interrupted while waiting for the reply to {rid}; the request may still run",
             hint=f"check later with: mailsh wait-reply {rid}",
         ) from None
-    _render(reply, json_out=json_out)
+    render_reply(reply, json_out=json_out)
 
 
 def _note(text: str) -> None:
@@ -335,7 +335,7 @@ def _spinner(request_id: str) -> Iterator[None]:
         yield
 
 
-def _render(reply: Reply, *, json_out: bool) -> NoReturn:
+def render_reply(reply: Reply, *, json_out: bool) -> NoReturn:
     """Print the reply (raw bytes, never interpreted) and exit with its status."""
     from mailsh.client.wait import exit_status, failure, notes, reply_json
 
