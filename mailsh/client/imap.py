@@ -350,6 +350,8 @@ class ImapWatcher:
             except _CONNECTION_ERRORS as exc:
                 attempt += 1
                 self._reconnect(attempt, exc)
+            except imaplib.IMAP4.error as exc:
+                raise _protocol_error(self.target, exc) from exc
 
     def _fetch_new(self) -> list[bytes]:
         imap = self._conn()
@@ -411,6 +413,8 @@ class ImapWatcher:
                 self._reconnect(attempt, exc)
                 if self._imap is not None:
                     return True
+            except imaplib.IMAP4.error as exc:
+                raise _protocol_error(self.target, exc) from exc
 
     def _poll_until(self, deadline: float) -> bool:
         imap = self._conn()
@@ -468,6 +472,13 @@ class ImapWatcher:
                     raise _DroppedError(f"IDLE ended with {line!r}")
                 return woken
             woken = woken or _announces_new_mail(line)
+
+
+def _protocol_error(target: ImapTarget, exc: imaplib.IMAP4.error) -> TransportError:
+    return TransportError(
+        f"IMAP server {target.host}:{target.port} answered unexpectedly: {_text(exc)}",
+        hint="run again with --debug and report the server software if it repeats",
+    )
 
 
 def _readline(imap: imaplib.IMAP4) -> bytes:
