@@ -15,16 +15,11 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from mailsh.errors import ConfigError, TransportError
+from mailsh.errors import TransportError
+from mailsh.mailer import outbound_from_settings
 from mailsh.server.state import StateDB, next_backoff
 from mailsh.settings import Settings
-from mailsh.transport import (
-    SmtpOptions,
-    is_temporary,
-    parse_smtp_url,
-    send_sendmail,
-    send_smtp,
-)
+from mailsh.transport import is_temporary
 
 log = logging.getLogger("mailsh.server")
 
@@ -33,33 +28,13 @@ MAX_PERMANENT_ATTEMPTS = 5
 
 
 def mailer_from_settings(settings: Settings) -> Mailer:
-    """How this process sends mail: ``--smtp URL`` or ``--sendmail PATH``."""
-    if settings.smtp and settings.sendmail:
-        raise ConfigError("both --smtp and --sendmail are set", hint="choose one way to send mail")
-    if settings.smtp:
-        target = parse_smtp_url(settings.smtp)
-        options = SmtpOptions(
-            require_tls=settings.require_tls,
-            ca_file=settings.smtp_ca_file,
-            password=settings.smtp_password,
-        )
+    """Replies leave the way the settings say (``--smtp`` or ``--sendmail``)."""
+    outbound = outbound_from_settings(settings)
 
-        def via_smtp(mail_from: str, rcpt_to: str, message: bytes) -> None:
-            send_smtp(target, options, mail_from=mail_from, rcpt_to=[rcpt_to], message=message)
+    def send(mail_from: str, rcpt_to: str, message: bytes) -> None:
+        outbound.submit(mail_from=mail_from, rcpt_to=[rcpt_to], message=message)
 
-        return via_smtp
-    if settings.sendmail:
-        path = settings.sendmail
-
-        def via_sendmail(mail_from: str, rcpt_to: str, message: bytes) -> None:
-            send_sendmail(path, mail_from=mail_from, rcpt_to=[rcpt_to], message=message)
-
-        return via_sendmail
-    raise ConfigError(
-        "no way to send mail is configured",
-        hint="pass --smtp smtp://host:587 or --sendmail /usr/sbin/sendmail "
-        "(or set MAILSH_SMTP / MAILSH_SENDMAIL)",
-    )
+    return send
 
 
 class OutboundWorker:
