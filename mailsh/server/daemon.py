@@ -30,7 +30,7 @@ from pathlib import Path
 from types import FrameType
 
 from mailsh import envelope
-from mailsh.errors import ConfigError
+from mailsh.errors import ConfigError, DependencyError
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.identity import require_identity
 from mailsh.keys.trust import load_trust
@@ -55,6 +55,38 @@ class ServeOptions:
     once: bool = False
     poll_interval: float = 2.0
     shutdown_grace: float = 30.0
+
+
+MIN_AIOSMTPD = (1, 4, 6)
+
+
+def check_dependencies(*, smtp_listener: bool) -> None:
+    """P12: refuse to serve on a dependency floor we know to be unsafe.
+
+    GnuPG's own floor is checked by :class:`~mailsh.keys.gpg.Gpg`.
+    """
+    import shutil
+    from importlib.metadata import PackageNotFoundError, version
+
+    if smtp_listener:
+        try:
+            found = version("aiosmtpd")
+        except PackageNotFoundError as exc:
+            raise DependencyError(
+                "aiosmtpd is not installed", hint="pip install 'aiosmtpd>=1.4.6'"
+            ) from exc
+        parts = tuple(int(p) for p in found.split(".")[:3] if p.isdigit())
+        if parts < MIN_AIOSMTPD:
+            raise DependencyError(
+                f"aiosmtpd {found} is too old: --smtp-listen needs >= 1.4.6 "
+                "(SMTP smuggling fix)",
+                hint="pip install --upgrade 'aiosmtpd>=1.4.6'",
+            )
+    if shutil.which("prlimit") is None:
+        raise DependencyError(
+            "prlimit (util-linux) is missing: commands could not be resource-limited",
+            hint="apt-get install -y util-linux",
+        )
 
 
 def server_identity(settings: Settings, gpg: Gpg) -> ServerIdentity:
@@ -95,6 +127,7 @@ class Server:
     def __init__(
         self, settings: Settings, options: ServeOptions, *, mailer: Mailer | None = None
     ) -> None:
+        check_dependencies(smtp_listener=options.smtp_listen is not None)
         self.settings = settings
         self.options = options
         self.gpg = Gpg(

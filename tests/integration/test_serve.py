@@ -245,3 +245,16 @@ def test_sigkill_during_command_reports_outcome_unknown_and_never_reruns(
     assert reply.status is ReplyStatus.OUTCOME_UNKNOWN
     state = StateDB(srv.settings.state_db)
     assert state.counts().get(MessageState.OUTCOME_UNKNOWN.value) == 1
+
+
+def test_dependency_floor_is_checked_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """P12: an aiosmtpd older than 1.4.6 refuses --smtp-listen."""
+    import importlib.metadata
+
+    from mailsh.errors import DependencyError
+    from mailsh.server.daemon import check_dependencies
+
+    check_dependencies(smtp_listener=True)  # the installed versions pass
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.4.5")
+    with pytest.raises(DependencyError, match=r"1\.4\.6"):
+        check_dependencies(smtp_listener=True)
