@@ -270,6 +270,7 @@ class ImapWatcher:
                     hint="check the user in the URL and MAILSH_IMAP_PASSWORD",
                 ) from exc
             self._imap = imap
+            self._refresh_capabilities()
             self._select()
         except BaseException:
             self._imap = None
@@ -282,6 +283,13 @@ class ImapWatcher:
             hint="for a private CA or self-signed server pass its certificate as the CA file "
             "(MAILSH_IMAP_CA_FILE)",
         )
+
+    def _refresh_capabilities(self) -> None:
+        # Servers may announce more (IDLE) after login; imaplib keeps the pre-login list.
+        imap = self._conn()
+        status, data = imap.capability()
+        if status == "OK" and data and isinstance(data[0], bytes):
+            imap.capabilities = tuple(data[0].decode("ascii", "replace").upper().split())
 
     def _select(self) -> None:
         imap = self._conn()
