@@ -1,15 +1,8 @@
 """Reading replies over IMAP for ``mailsh wait-reply --imap URL``.
 
-URLs (RFC 5092 subset)::
-
-    imap://USER@HOST[:PORT][/MAILBOX]            STARTTLS required (port 143)
-    imap://USER@HOST[:PORT][/MAILBOX]?tls=none   no TLS: loopback hosts only (test rigs)
-    imaps://USER@HOST[:PORT][/MAILBOX]           TLS from the first byte (port 993)
-
-USER and MAILBOX are percent-decoded (``alice%40example.org``); MAILBOX defaults to INBOX.
-A password in the URL is refused (it would end up in shell history and ``ps``): the caller
-passes it (the CLI reads ``MAILSH_IMAP_PASSWORD``). A CA file may be given for a private
-CA, e.g. a test rig's self-signed certificate; it then replaces the system CAs.
+URLs are parsed by :func:`parse_imap_url` (``mailsh.client.imap_url``, re-exported here).
+A CA file may be given for a private CA, e.g. a test rig's self-signed certificate; it
+then replaces the system CAs.
 
 :class:`ImapWatcher` only reads: the mailbox is opened with EXAMINE (read-only) and
 messages are fetched with ``BODY.PEEK[]``, so nothing is flagged, moved or deleted and
@@ -20,23 +13,19 @@ unrelated mail stays unread. IMAP IDLE (RFC 2177) is spoken by hand on top of im
 from __future__ import annotations
 
 import contextlib
-import enum
 import imaplib
-import ipaddress
 import re
 import select
 import socket
 import ssl
 import time
 import types
-import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from mailsh.errors import TransportError, UsageError
+from mailsh.client.imap_url import ImapTarget, TlsMode, parse_imap_url
+from mailsh.errors import TransportError
 
-DEFAULT_PORTS = {"imap": 143, "imaps": 993}
 #: Re-issue IDLE before servers drop it (RFC 2177: at least every 29 minutes).
 IDLE_RENEW_SECONDS = 25 * 60
 #: Messages larger than this are skipped (never fetched), see ``ImapWatcher.skipped``.
@@ -45,103 +34,17 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _FETCH_UID = re.compile(rb"\bUID (\d+)")
 _FETCH_SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
 
-
-class TlsMode(enum.Enum):
-    """How the connection is protected."""
-
-    STARTTLS = "starttls"
-    IMPLICIT = "implicit"
-    NONE = "none"
+__all__ = [
+    "ImapLoginError",
+    "ImapTarget",
+    "ImapWatcher",
+    "TlsMode",
+    "parse_imap_url",
+]
 
 
 class ImapLoginError(TransportError):
     """The server refused the user name or password (retrying will not help)."""
-
-
-@dataclass(frozen=True)
-class ImapTarget:
-    """Where to read replies. Holds no secret: the password is passed separately."""
-
-    host: str
-    port: int
-    user: str
-    mailbox: str = "INBOX"
-    tls: TlsMode = TlsMode.STARTTLS
-
-    def __str__(self) -> str:
-        scheme = "imaps" if self.tls is TlsMode.IMPLICIT else "imap"
-        user = urllib.parse.quote(self.user, safe="")
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        box = urllib.parse.quote(self.mailbox, safe="/")
-        query = "?tls=none" if self.tls is TlsMode.NONE else ""
-        return f"{scheme}://{user}@{host}:{self.port}/{box}{query}"
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _bad_url(url: str, why: str) -> UsageError:
-    return UsageError(
-        f"bad IMAP URL {url!r}: {why}",
-        hint="use imap://USER@HOST[:PORT][/MAILBOX] (STARTTLS) or imaps://USER@HOST[:PORT]",
-    )
-
-
-def parse_imap_url(url: str) -> ImapTarget:
-    """Parse an ``imap://`` or ``imaps://`` URL; raise :class:`UsageError` when invalid."""
-    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
-        raise _bad_url(url, "contains spaces or control characters")
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS:
-        raise _bad_url(url, "scheme must be imap or imaps")
-    if parts.password is not None:
-        raise UsageError(
-            "refusing a password inside the IMAP URL (it would leak into history and ps)",
-            hint="remove ':PASSWORD' from the URL and set MAILSH_IMAP_PASSWORD instead",
-        )
-    if not parts.username:
-        raise _bad_url(url, "a user is required (imap://USER@HOST)")
-    user = urllib.parse.unquote(parts.username)
-    host = parts.hostname
-    if not host:
-        raise _bad_url(url, "a host is required")
-    try:
-        port = DEFAULT_PORTS[scheme] if parts.port is None else parts.port
-    except ValueError as exc:
-        raise _bad_url(url, "port must be a number from 1 to 65535") from exc
-    if port == 0:
-        raise _bad_url(url, "port must be a number from 1 to 65535")
-    if parts.fragment:
-        raise _bad_url(url, "fragments (#...) are not allowed")
-    mailbox = urllib.parse.unquote(parts.path.lstrip("/")) or "INBOX"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in mailbox + user):
-        raise _bad_url(url, "user or mailbox contains control characters")
-    tls = _tls_mode(url, scheme, host, parts.query)
-    return ImapTarget(host=host, port=port, user=user, mailbox=mailbox, tls=tls)
-
-
-def _tls_mode(url: str, scheme: str, host: str, query_string: str) -> TlsMode:
-    query = urllib.parse.parse_qs(query_string, keep_blank_values=True)
-    unknown = set(query) - {"tls"}
-    if unknown:
-        raise _bad_url(url, f"unknown parameter(s) {', '.join(sorted(unknown))}")
-    if "tls" not in query:
-        return TlsMode.IMPLICIT if scheme == "imaps" else TlsMode.STARTTLS
-    if scheme != "imap" or query["tls"] != ["none"]:
-        raise _bad_url(url, "the only accepted parameter is ?tls=none on imap://")
-    if not _is_loopback(host):
-        raise UsageError(
-            f"refusing IMAP without TLS to {host}: only loopback hosts may use ?tls=none",
-            hint="drop ?tls=none (STARTTLS is then required) or use imaps://",
-        )
-    return TlsMode.NONE
 
 
 class _DroppedError(Exception):
