@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import imaplib
+import os
+import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -182,16 +183,36 @@ def test_connection_refused_is_a_transport_error(mailrig: MailRig) -> None:  # n
     assert "cannot connect" in caught.value.message
 
 
-def kick(rig: MailRig, user: MailUser) -> None:
-    subprocess.run(
-        ["doveadm", "-c", str(rig.dovecot_conf), "kick", user.name],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
+def server_process_of(client: socket.socket) -> int:
+    """The Dovecot process holding the server end of ``client``'s TCP connection.
+
+    Found through /proc so that only this connection is killed: ``doveadm kick USER``
+    would also drop every other session of USER (other xdist workers' tests).
+    """
+    local_port = client.getsockname()[1]
+    server_port = client.getpeername()[1]
+    wanted = f"0100007F:{server_port:04X} 0100007F:{local_port:04X}"
+    inode = ""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if f"{fields[1]} {fields[2]}" == wanted:
+            inode = fields[9]
+    assert inode, "server end of the connection not found in /proc/net/tcp"
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd) == f"socket:[{inode}]":
+                return int(fd.parts[2])
+        except OSError:
+            continue
+    raise AssertionError(f"no process holds socket inode {inode}")
 
 
-def test_reconnects_after_server_kicks_the_connection_during_idle(
+def kill_server_side(watcher: ImapWatcher) -> None:
+    assert watcher._imap is not None
+    os.kill(server_process_of(watcher._imap.sock), signal.SIGKILL)
+
+
+def test_reconnects_after_the_server_process_dies_during_idle(
     mailrig: MailRig,  # noqa: F811
     cleanup_messages: Cleanup,  # noqa: F811
 ) -> None:
@@ -200,7 +221,7 @@ def test_reconnects_after_server_kicks_the_connection_during_idle(
     cleanup_messages(mailbox_of(mailrig, user), token)
     with make_watcher(mailrig, user, TlsMode.STARTTLS, since_uid=None, backoff=0.2) as watcher:
         watcher.fetch_new()
-        kicker = threading.Timer(1.0, kick, args=(mailrig, user))
+        kicker = threading.Timer(1.0, kill_server_side, args=(watcher,))
         kicker.start()
         started = time.monotonic()
         woke = watcher.wait(WAKE_TIMEOUT)
