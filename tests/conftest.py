@@ -92,3 +92,14 @@ def server(make_home: Callable[..., Home]) -> Home:
 def mallory(make_home: Callable[..., Home]) -> Home:
     """An attacker with a perfectly good key that nobody pinned."""
     return make_home("mallory@evil.test")
+
+
+# The real Postfix + Dovecot rig (issue 5): its fixtures, and one xdist worker for every
+# test that uses it, since they share /var/mail/root and the daemons.
+from tests.integration.mailrig import cleanup_messages, mailrig  # noqa: E402, F401
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("mailrig") is not None:
+            item.add_marker(pytest.mark.xdist_group("mailrig"))

@@ -78,8 +78,7 @@ def check_dependencies(*, smtp_listener: bool) -> None:
         parts = tuple(int(p) for p in found.split(".")[:3] if p.isdigit())
         if parts < MIN_AIOSMTPD:
             raise DependencyError(
-                f"aiosmtpd {found} is too old: --smtp-listen needs >= 1.4.6 "
-                "(SMTP smuggling fix)",
+                f"aiosmtpd {found} is too old: --smtp-listen needs >= 1.4.6 (SMTP smuggling fix)",
                 hint="pip install --upgrade 'aiosmtpd>=1.4.6'",
             )
     if shutil.which("prlimit") is None:
