@@ -9,6 +9,7 @@ for a message whose signature is good but which must not run (the signer is told
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -128,84 +129,72 @@ def open_request(
     entry = trust.get(verified.signer)
     if entry is None:  # verify() checked the pin; the store cannot change in between
         raise ProtocolError("signer-not-pinned", "signer vanished from the trust store")
-    sha = hashlib.sha256(verified.plaintext).hexdigest()
-    if not verified.plaintext.lstrip().startswith(b"{"):
+
+    def reject(error: ProtocolError, request_id: str | None = None) -> ProtocolError:
+        return AuthenticatedRejectionError(
+            error, verified=verified, request_id=request_id, mail=mail
+        )
+
+    plain = not verified.plaintext.lstrip().startswith(b"{")
+    if plain:
         if not entry.allow_plain_scripts:
-            raise AuthenticatedRejectionError(
+            raise reject(
                 ProtocolError(
                     "plain-script-not-allowed",
                     "this key may not send plain signed scripts",
                     hint="on the server: mailsh trust add KEY --allow-plain-scripts",
-                ),
-                verified=verified,
-                request_id=None,
-                mail=mail,
+                )
             )
-        if verified.signature_id is None:
-            raise AuthenticatedRejectionError(
-                ProtocolError("no-signature-id", "plain script without a signature id"),
-                verified=verified,
-                request_id=None,
-                mail=mail,
-            )
+        request_id, command = _plain_script(verified, reject)
+        stdin, timeout, max_output_bytes = None, None, None
+    else:
+        parsed_id: str | None = None
         try:
-            script = verified.plaintext.decode("utf-8")
-            if "\x00" in script:
-                raise ValueError("NUL")
-        except ValueError as exc:
-            raise AuthenticatedRejectionError(
-                ProtocolError("malformed-payload", "the script is not NUL-free UTF-8 text"),
-                verified=verified,
-                request_id=None,
-                mail=mail,
-            ) from exc
-        return VerifiedRequest(
-            signer=verified.signer,
-            signature_id=verified.signature_id,
-            signed_at=verified.signed_at,
-            encrypted=verified.encrypted,
-            payload_sha256=sha,
-            request_id=hashlib.sha256(verified.signature_id.encode()).hexdigest()[:32],
-            command=script,
-            stdin=None,
-            timeout=None,
-            max_output_bytes=None,
-            plain_script=True,
-            message_id=mail.message_id,
-            _seal=_SEAL,
-        )
-    request_id: str | None = None
-    try:
-        request = protocol.parse_request(verified.plaintext)
-        request_id = request.request_id
-        protocol.check_request(
-            request,
-            signed_at=verified.signed_at,
-            server_addresses=server_addresses,
-            server_fingerprint=server_fingerprint,
-            now=now,
-            max_skew=max_skew,
-            max_age=max_age,
-        )
-    except ProtocolError as exc:
-        raise AuthenticatedRejectionError(
-            exc, verified=verified, request_id=request_id, mail=mail
-        ) from exc
+            request = protocol.parse_request(verified.plaintext)
+            parsed_id = request.request_id
+            protocol.check_request(
+                request,
+                signed_at=verified.signed_at,
+                server_addresses=server_addresses,
+                server_fingerprint=server_fingerprint,
+                now=now,
+                max_skew=max_skew,
+                max_age=max_age,
+            )
+        except ProtocolError as exc:
+            raise reject(exc, parsed_id) from exc
+        request_id, command = request.request_id, request.command
+        stdin, timeout, max_output_bytes = request.stdin, request.timeout, request.max_output_bytes
     return VerifiedRequest(
         signer=verified.signer,
         signature_id=verified.signature_id,
         signed_at=verified.signed_at,
         encrypted=verified.encrypted,
-        payload_sha256=sha,
-        request_id=request.request_id,
-        command=request.command,
-        stdin=request.stdin,
-        timeout=request.timeout,
-        max_output_bytes=request.max_output_bytes,
-        plain_script=False,
+        payload_sha256=hashlib.sha256(verified.plaintext).hexdigest(),
+        request_id=request_id,
+        command=command,
+        stdin=stdin,
+        timeout=timeout,
+        max_output_bytes=max_output_bytes,
+        plain_script=plain,
         message_id=mail.message_id,
         _seal=_SEAL,
     )
+
+
+def _plain_script(
+    verified: VerifiedPayload, reject: Callable[[ProtocolError], ProtocolError]
+) -> tuple[str, str]:
+    """The seed's form: the signed bytes are the script; the id comes from the signature."""
+    if verified.signature_id is None:
+        raise reject(ProtocolError("no-signature-id", "plain script without a signature id"))
+    try:
+        script = verified.plaintext.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise reject(ProtocolError("malformed-payload", "the script is not UTF-8 text")) from exc
+    if "\x00" in script:
+        raise reject(ProtocolError("malformed-payload", "the script contains a NUL byte"))
+    return hashlib.sha256(verified.signature_id.encode()).hexdigest()[:32], script
 
 
 def seal_reply(
