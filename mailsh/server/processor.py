@@ -22,6 +22,7 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from mailsh import envelope
 from mailsh.errors import MailshError, ProtocolError
@@ -154,15 +155,17 @@ class Processor:
         self, msg: SpooledMessage, trust: TrustStore, exc: envelope.AuthenticatedRejectionError
     ) -> MessageState:
         signer = exc.verified.signer
-        reply = Reply(
+        self._answer(
+            msg,
+            trust,
+            signer,
+            exc.mail.message_id,
+            MessageState.REJECTED,
+            None,
             request_id=exc.request_id,
             request_sha256=exc.payload_sha256,
-            server=self.identity.address,
             status=ReplyStatus.REJECTED,
             reason=f"{exc.reason}: {exc.message}",
-        )
-        self._queue_reply(
-            msg, trust, signer, reply, exc.mail.message_id, MessageState.REJECTED, None
         )
         decision(
             "rejected", message=msg.id, signer=signer, request=exc.request_id, reason=exc.reason
@@ -181,16 +184,26 @@ class Processor:
             request_sha256=request.payload_sha256,
             spool_id=msg.id,
         )
-        if not claimed:
-            reply = Reply(
+
+        def answer(final: MessageState, request_status: str | None, **fields: Any) -> None:
+            self._answer(
+                msg,
+                trust,
+                request.signer,
+                request.message_id,
+                final,
+                request_status,
                 request_id=request.request_id,
                 request_sha256=request.payload_sha256,
-                server=self.identity.address,
+                **fields,
+            )
+
+        if not claimed:
+            answer(
+                MessageState.REJECTED,
+                None,
                 status=ReplyStatus.REJECTED,
                 reason="replay: this request was already received; it is not run again",
-            )
-            self._queue_reply(
-                msg, trust, request.signer, reply, request.message_id, MessageState.REJECTED, None
             )
             decision("rejected", message=msg.id, signer=request.signer, reason="replay")
             return MessageState.REJECTED
@@ -215,22 +228,17 @@ class Processor:
                 run_as=s.run_as,
             )
         except MailshError as exc:
-            reply = Reply(
-                request_id=request.request_id,
-                request_sha256=request.payload_sha256,
-                server=self.identity.address,
+            answer(
+                MessageState.REPLIED,
+                "error",
                 status=ReplyStatus.ERROR,
                 reason=f"the server could not run the command: {exc.message}",
             )
-            self._queue_reply(
-                msg, trust, request.signer, reply, request.message_id, MessageState.REPLIED, "error"
-            )
             decision("error", message=msg.id, request=request.request_id, reason=exc.message)
             return MessageState.REPLIED
-        reply = Reply(
-            request_id=request.request_id,
-            request_sha256=request.payload_sha256,
-            server=self.identity.address,
+        answer(
+            MessageState.REPLIED,
+            "ok",
             status=ReplyStatus.OK,
             exit_code=result.exit_code,
             signal=result.signal,
@@ -241,9 +249,6 @@ class Processor:
             stderr_truncated=result.stderr_truncated,
             started_at=result.started_at,
             finished_at=result.finished_at,
-        )
-        self._queue_reply(
-            msg, trust, request.signer, reply, request.message_id, MessageState.REPLIED, "ok"
         )
         decision(
             "executed",
@@ -257,16 +262,18 @@ class Processor:
         )
         return MessageState.REPLIED
 
-    def _queue_reply(
+    def _answer(
         self,
         msg: SpooledMessage,
         trust: TrustStore,
         signer: str,
-        reply: Reply,
         in_reply_to: str | None,
         final: MessageState,
         request_status: str | None,
+        **fields: Any,
     ) -> None:
+        """Seal a reply from this server and queue it with the message's final state."""
+        reply = Reply(server=self.identity.address, **fields)
         entry = trust.get(signer)
         if entry is None:  # unpinned between verify and now: say nothing (P7)
             self.state.set_message_state(msg.id, MessageState.DISCARDED, reason="unpinned")

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,20 +32,6 @@ from tests.integration.serverkit import (
     request,
     server_settings,
 )
-
-
-@pytest.fixture
-def srv(make_home: Callable[..., Home], alice: Home) -> Home:
-    """A fresh server home per test (its own state, spool and trust store)."""
-    home = make_home("root@server.test", address="root@server.test")
-    pair(alice, home)
-    return home
-
-
-@pytest.fixture
-def sink() -> Iterator[Sink]:
-    with Sink() as s:
-        yield s
 
 
 def serve_once(home: Home, sink: Sink, tmp_path: Path, **options: object) -> Server:

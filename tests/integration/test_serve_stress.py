@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -23,22 +22,9 @@ from mailsh.protocol import ReplyStatus
 from mailsh.server.daemon import ServeOptions, Server
 from mailsh.server.state import StateDB
 from tests.conftest import Home
-from tests.integration.serverkit import Sink, pair, replies_for, request, server_settings
+from tests.integration.serverkit import Sink, replies_for, request, server_settings
 
 N_REQUESTS = 500
-
-
-@pytest.fixture
-def srv(make_home: Callable[..., Home], alice: Home) -> Home:
-    home = make_home("root@server.test", address="root@server.test")
-    pair(alice, home)
-    return home
-
-
-@pytest.fixture
-def sink() -> Iterator[Sink]:
-    with Sink() as s:
-        yield s
 
 
 def _postfix_like_append(mbox: str, mails: list[bytes], batch: int) -> None:
