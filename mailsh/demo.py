@@ -133,8 +133,9 @@ def run_demo(
     progress: Callable[[str], None] = lambda _: None,
 ) -> DemoResult:
     """Run ``command`` through a real mailsh round trip; return the verified reply."""
-    from mailsh.client.send import Outbound, send_request
+    from mailsh.client.send import send_request
     from mailsh.client.wait import await_reply
+    from mailsh.mailer import Outbound
     from mailsh.transport import parse_smtp_url
 
     steps: list[tuple[str, float]] = []
