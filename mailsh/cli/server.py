@@ -36,6 +36,14 @@ def serve(
         Optional[list[Path]],  # noqa: UP045
         typer.Option("--maildir", help="A Maildir to take mail from. Repeatable."),
     ] = None,
+    spool_only: Annotated[
+        bool,
+        typer.Option(
+            "--spool-only",
+            help="Take mail only from the spool, as `mailsh deliver` fills it (pipe "
+            "delivery): no --mbox, --maildir or --smtp-listen.",
+        ),
+    ] = False,
     smtp_listen: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(
@@ -135,9 +143,9 @@ def serve(
 ) -> None:
     """Run commands that arrive as signed mail, and mail back signed, encrypted results.
 
-    Mail comes from --mbox, --maildir and/or --smtp-listen; replies leave through --smtp or
-    --sendmail. Only keys pinned with `mailsh trust add` may run commands. See
-    docs/server.md for deployment.
+    Mail comes from --mbox, --maildir and/or --smtp-listen, or with --spool-only from
+    `mailsh deliver` alone; replies leave through --smtp or --sendmail. Only keys pinned
+    with `mailsh trust add` may run commands. See docs/server.md and docs/deploy.md.
     """
     from mailsh.server.daemon import ServeOptions, Server
 
@@ -155,10 +163,18 @@ def serve(
         require_encryption=require_encryption,
         log_format=log_format,
     )
-    if not (mbox or maildir or smtp_listen):
+    # What `mailsh deliver` spools is always served; --spool-only says it is the only
+    # source, so a serve with no source at all is still a mistake caught here.
+    if spool_only and (mbox or maildir or smtp_listen):
+        raise usage_error(
+            "--spool-only excludes --mbox, --maildir and --smtp-listen",
+            "drop --spool-only: mail delivered by `mailsh deliver` is served in any case",
+        )
+    if not (spool_only or mbox or maildir or smtp_listen):
         raise usage_error(
             "no mail source given",
-            "mailsh serve --mbox /var/mail/root   (or --maildir DIR / --smtp-listen HOST:PORT)",
+            "mailsh serve --mbox /var/mail/root   (or --maildir DIR / --smtp-listen HOST:PORT"
+            " / --spool-only for `mailsh deliver`)",
         )
     _setup_logging(settings.log_format)
     server = Server(
