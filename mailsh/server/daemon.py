@@ -89,8 +89,10 @@ def check_dependencies(*, smtp_listener: bool) -> None:
 
 
 def server_identity(settings: Settings, gpg: Gpg) -> ServerIdentity:
+    from mailsh.addresses import validate_address
+
     identity = require_identity(gpg)
-    addresses = list(settings.address)
+    addresses = [validate_address(a) for a in settings.address]
     if not addresses:
         if identity.email is None:
             raise ConfigError(
