@@ -51,8 +51,18 @@ ImapOpt = Annotated[
         "--imap",
         metavar="URL",
         envvar="MAILSH_REPLY_IMAP",
-        help="Read replies over IMAP: imaps://user@host[:port] (password from "
-        "MAILSH_IMAP_PASSWORD).",
+        help="Read replies over IMAP (read-only, IDLE): imaps://user@host[:port] or "
+        "imap://user@host[:port] (STARTTLS); password from MAILSH_IMAP_PASSWORD.",
+        show_default=False,
+    ),
+]
+ImapCaOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(
+        "--imap-ca-file",
+        metavar="FILE",
+        envvar="MAILSH_IMAP_CA_FILE",
+        help="PEM file of the CA(s) to trust for the IMAP server (private CAs).",
         show_default=False,
     ),
 ]
@@ -182,6 +192,7 @@ def send(
     mbox: MboxOpt = None,
     maildir: MaildirOpt = None,
     imap: ImapOpt = None,
+    imap_ca_file: ImapCaOpt = None,
     wait_timeout: Annotated[
         Optional[float],  # noqa: UP045
         typer.Option(
@@ -217,6 +228,7 @@ def send(
         reply_mbox=mbox,
         reply_maildir=maildir,
         reply_imap=imap,
+        imap_ca_file=imap_ca_file,
         wait_timeout=wait_timeout,
         passphrase_file=passphrase_file,
     )
@@ -248,6 +260,7 @@ def wait_reply(
     mbox: MboxOpt = None,
     maildir: MaildirOpt = None,
     imap: ImapOpt = None,
+    imap_ca_file: ImapCaOpt = None,
     timeout: Annotated[
         Optional[float],  # noqa: UP045
         typer.Option(
@@ -274,6 +287,7 @@ def wait_reply(
         reply_mbox=mbox,
         reply_maildir=maildir,
         reply_imap=imap,
+        imap_ca_file=imap_ca_file,
         wait_timeout=timeout,
         passphrase_file=passphrase_file,
     )

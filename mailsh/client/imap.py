@@ -133,9 +133,15 @@ class ImapWatcher:
         self.close()
         target = self.target
         where = f"{target.host}:{target.port}"
-        context = ssl.create_default_context(
-            cafile=str(self.ca_file) if self.ca_file is not None else None
-        )
+        try:
+            context = ssl.create_default_context(
+                cafile=str(self.ca_file) if self.ca_file is not None else None
+            )
+        except OSError as exc:  # missing file, or not PEM (ssl.SSLError)
+            raise TransportError(
+                f"cannot load the IMAP CA file {self.ca_file}: {exc}",
+                hint="pass a PEM file of the CA certificate(s) (MAILSH_IMAP_CA_FILE)",
+            ) from exc
         imap: imaplib.IMAP4
         try:
             if target.tls is TlsMode.IMPLICIT:

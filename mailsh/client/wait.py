@@ -1,9 +1,11 @@
-"""Waiting for the one reply to a pending request, in an mbox, a Maildir or (later) IMAP.
+"""Waiting for the one reply to a pending request, in an mbox, a Maildir or over IMAP.
 
 The mailbox is only ever read: nothing is moved, flagged or deleted, and a message that
 is not the reply stays where it is. Waiting does not busy-poll: a
 :class:`~mailsh.server.watch.Watcher` (inotify, stat polling as fallback) wakes us when
-the mailbox may have changed, and only then is it scanned again.
+the mailbox may have changed, and only then is it scanned again. Over IMAP the mailbox is
+opened with EXAMINE and read with ``BODY.PEEK[]`` (:class:`~mailsh.client.imap.ImapWatcher`),
+and IDLE (NOOP polling where the server has none) does the waking.
 
 Each new message is first checked cheaply (does it look like a mailsh reply to this
 request id?), and only such candidates go to :func:`mailsh.envelope.open_reply`, which
@@ -15,7 +17,10 @@ Where a scan starts: a Maildir scan skips files last modified more than
 :data:`MAILDIR_SLACK` before the request was sent (delivery sets the mtime, so these
 cannot be the reply); an mbox scan starts at the mark noted by ``mailsh send`` when the
 file is provably unchanged up to it (same inode, the 4 KiB before the mark unchanged),
-and at the beginning otherwise.
+and at the beginning otherwise. An IMAP scan starts at the first message the server
+received on or after the day before the request was sent (``UID SEARCH SINCE``, which
+has day granularity in the server's time zone), and at the beginning if that search
+fails.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -39,6 +44,7 @@ from mailsh.errors import (
 )
 
 if TYPE_CHECKING:
+    from mailsh.client.imap import ImapWatcher
     from mailsh.client.pending import MboxMark, PendingRequest
     from mailsh.keys.gpg import Gpg
     from mailsh.keys.trust import TrustStore
@@ -48,6 +54,8 @@ if TYPE_CHECKING:
 
 MAILDIR_SLACK = timedelta(hours=1)
 """Maildir files modified this long before the request was sent are not read."""
+IMAP_SINCE_SLACK = timedelta(days=1)
+"""IMAP scans start at mail received on or after the request's (UTC) day minus this."""
 POLL_INTERVAL = 2.0
 """Seconds between stat polls when inotify cannot watch the mailbox."""
 MAILBOX_HINT = (
@@ -55,6 +63,7 @@ MAILBOX_HINT = (
     "(or MAILSH_REPLY_MBOX / MAILSH_REPLY_MAILDIR / MAILSH_REPLY_IMAP)"
 )
 REMOTE_FAILURE_STATUS = 255
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 class RemoteFailureError(MailshError):
@@ -156,6 +165,92 @@ class MaildirSource:
         self._watcher.close()
 
 
+class ImapSource:
+    """New messages of an IMAP mailbox, read-only, through an :class:`ImapWatcher`.
+
+    Connects (and so fails early on a wrong host, password or certificate) when made.
+    ``not_before`` moves the first scan past mail received before that day (see
+    :func:`imap_start_uid`); without it the first scan reads the whole mailbox.
+    """
+
+    def __init__(self, watcher: ImapWatcher, *, not_before: date | None = None) -> None:
+        self._watcher = watcher
+        self.description = f"IMAP {watcher.target}"
+        watcher.connect()
+        if not_before is not None:
+            try:
+                watcher.last_uid = imap_start_uid(watcher, not_before)
+            except BaseException:
+                watcher.close()
+                raise
+
+    def scan(self) -> list[bytes]:
+        return self._watcher.fetch_new()
+
+    def wait(self, timeout: float) -> bool:
+        return self._watcher.wait(timeout)
+
+    def close(self) -> None:
+        self._watcher.close()
+
+
+def imap_search_date(day: date) -> str:
+    """``day`` as an IMAP date (``7-Mar-2026``), independent of the C locale."""
+    return f"{day.day}-{_MONTHS[day.month - 1]}-{day.year}"
+
+
+def imap_start_uid(watcher: ImapWatcher, since: date) -> int:
+    """The UID to scan after: just before the first message received on or after ``since``.
+
+    The watcher must be connected (its mailbox EXAMINEd). With no such message, the
+    watcher's own start (UIDNEXT - 1 after connecting with ``since_uid=None``) is kept.
+    If the search fails, 0: everything is scanned (slower, but nothing is missed).
+    """
+    import imaplib
+
+    try:
+        # ImapWatcher has no search of its own; this read-only command runs on its
+        # connection between its own commands (nothing else is in flight here).
+        status, data = watcher._conn().uid("SEARCH", "SINCE", imap_search_date(since))
+    except (imaplib.IMAP4.error, OSError, EOFError):
+        return 0
+    if status != "OK":
+        return 0
+    words = data[0].split() if data and isinstance(data[0], bytes) else []
+    uids = [int(w) for w in words if w.isdigit()]
+    if uids:
+        return min(uids) - 1
+    return watcher.last_uid if watcher.last_uid is not None else 0
+
+
+def open_imap(settings: Settings, url: str, *, not_before: datetime | None = None) -> ImapSource:
+    """Connect to the IMAP mailbox at ``url`` with the password and CA file of ``settings``."""
+    from mailsh.client.imap import ImapWatcher, parse_imap_url
+
+    target = parse_imap_url(url)
+    if settings.imap_password is None:
+        raise ConfigError(
+            f"reading replies over IMAP ({target}) needs the password of {target.user!r}",
+            hint=f"export MAILSH_IMAP_PASSWORD=...   (the IMAP password of {target.user})",
+        )
+    ca_file = settings.imap_ca_file
+    if ca_file is not None:
+        ca_file = ca_file.expanduser().absolute()
+        if not ca_file.is_file():
+            raise ConfigError(
+                f"the IMAP CA file {ca_file} does not exist",
+                hint="check --imap-ca-file / MAILSH_IMAP_CA_FILE (a PEM file)",
+            )
+    watcher = ImapWatcher(
+        target,
+        settings.imap_password.get_secret_value(),
+        ca_file=ca_file,
+        since_uid=None if not_before is not None else 0,
+    )
+    since = None if not_before is None else (not_before - IMAP_SINCE_SLACK).astimezone(UTC).date()
+    return ImapSource(watcher, not_before=since)
+
+
 def mbox_start(path: Path, mark: MboxMark | None) -> int:
     """Where to start scanning ``path``: the send-time mark if provably valid, else 0."""
     if mark is None or mark.path != str(path.absolute()):
@@ -200,13 +295,7 @@ def open_source(
                 hint=MAILBOX_HINT,
             )
     if imap is not None:
-        # INTEGRATION POINT (mailsh/client/imap.py, ImapWatcher): not in this tree yet.
-        # Wrap it in a ReplySource (scan = UIDs newer than the last seen, read-only,
-        # BODY.PEEK; wait = IDLE with reconnect and NOOP fallback) and return it here.
-        raise UsageError(
-            "reading replies over IMAP is not available in this version of mailsh yet",
-            hint="use --mbox PATH or --maildir PATH (e.g. a local copy synced by fetchmail)",
-        )
+        return open_imap(settings, imap, not_before=record.created)
     if maildir is not None:
         path = maildir.expanduser().absolute()
         if not (path / "new").is_dir():

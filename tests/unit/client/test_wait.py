@@ -9,14 +9,17 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
+from pydantic import SecretStr
 
 from mailsh.client.pending import PendingStore
 from mailsh.client.send import SentRequest, mbox_mark, send_request
 from mailsh.client.wait import (
+    ImapSource,
     MaildirSource,
     RemoteFailureError,
     ReplyMatcher,
@@ -24,6 +27,8 @@ from mailsh.client.wait import (
     exit_status,
     failure,
     ignored_summary,
+    imap_search_date,
+    imap_start_uid,
     looks_like_reply,
     mbox_start,
     notes,
@@ -312,8 +317,10 @@ def test_open_source_errors(rig: Rig, sink: tuple[Sink, str], tmp_path: Path) ->
         open_source(settings, sent.pending, maildir=tmp_path / "missing")
     with pytest.raises(TransportError, match="is not a directory"):
         open_source(settings, sent.pending, mbox=tmp_path / "no" / "such" / "mbox")
-    with pytest.raises(UsageError, match="IMAP"):
+    with pytest.raises(ConfigError, match=r"IMAP .* needs the password of 'me'") as err:
         open_source(settings, sent.pending, imap="imaps://me@imap.test")
+    assert err.value.hint is not None
+    assert err.value.hint.startswith("export MAILSH_IMAP_PASSWORD=")
     with pytest.raises(ConfigError, match="several"):
         open_source(
             settings.model_copy(update={"reply_mbox": tmp_path / "a", "reply_imap": "imap://x"}),
@@ -397,3 +404,106 @@ def test_ignored_summary() -> None:
     assert ignored_summary([]) == ""
     assert ignored_summary(["a"]) == "1 invalid reply ignored (a)"
     assert ignored_summary(["a", "b", "a"]) == "3 invalid replies ignored (a, b)"
+
+
+# --------------------------------------------------------------------------- IMAP
+
+
+class _FakeImapConn:
+    def __init__(self, answer: tuple[str, list[Any]] | BaseException) -> None:
+        self.answer = answer
+        self.calls: list[tuple[str, ...]] = []
+
+    def uid(self, *args: str) -> tuple[str, list[Any]]:
+        self.calls.append(args)
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+
+class _FakeWatcher:
+    """Stands in for ImapWatcher: records what ImapSource does with it."""
+
+    target = "imap://me@imap.test:143/INBOX"
+
+    def __init__(self, conn: _FakeImapConn, last_uid: int | None = 41) -> None:
+        self.conn = conn
+        self.last_uid = last_uid
+        self.events: list[str] = []
+
+    def _conn(self) -> _FakeImapConn:
+        return self.conn
+
+    def connect(self) -> None:
+        self.events.append("connect")
+
+    def fetch_new(self) -> list[bytes]:
+        self.events.append("fetch")
+        return [b"m"]
+
+    def wait(self, timeout: float) -> bool:
+        self.events.append(f"wait {timeout:g}")
+        return True
+
+    def close(self) -> None:
+        self.events.append("close")
+
+
+def test_imap_search_date_is_locale_independent() -> None:
+    assert imap_search_date(date(2026, 3, 7)) == "7-Mar-2026"
+    assert imap_search_date(date(2025, 12, 31)) == "31-Dec-2025"
+
+
+def test_imap_start_uid_is_just_before_the_first_recent_message() -> None:
+    conn = _FakeImapConn(("OK", [b"17 23 19"]))
+    watcher = _FakeWatcher(conn)
+    assert imap_start_uid(cast(Any, watcher), date(2026, 3, 7)) == 16
+    assert conn.calls == [("SEARCH", "SINCE", "7-Mar-2026")]
+    # nothing that recent: keep the watcher's own start (UIDNEXT - 1)
+    assert imap_start_uid(cast(Any, _FakeWatcher(_FakeImapConn(("OK", [b""])))), date.today()) == 41
+
+
+def test_imap_start_uid_falls_back_to_everything_when_search_fails() -> None:
+    """Regression guard: a failed SEARCH must never skip a reply (scan all instead)."""
+    import imaplib
+
+    for result in (("NO", [b"nope"]), imaplib.IMAP4.error("BAD"), OSError("reset")):
+        watcher = _FakeWatcher(_FakeImapConn(result))
+        assert imap_start_uid(cast(Any, watcher), date.today()) == 0
+
+
+def test_imap_source_connects_scans_waits_and_closes() -> None:
+    watcher = _FakeWatcher(_FakeImapConn(("OK", [b"5"])))
+    source = ImapSource(cast(Any, watcher), not_before=date(2026, 1, 2))
+    assert watcher.last_uid == 4
+    assert source.description == "IMAP imap://me@imap.test:143/INBOX"
+    assert source.scan() == [b"m"]
+    assert source.wait(2.5) is True
+    source.close()
+    assert watcher.events == ["connect", "fetch", "wait 2.5", "close"]
+
+
+def test_open_source_imap_checks_url_and_ca_file_before_connecting(
+    rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+) -> None:
+    sent, _ = _sent(rig, sink)
+    settings = rig.settings().model_copy(update={"imap_password": SecretStr("pw")})
+    with pytest.raises(UsageError, match="bad IMAP URL"):
+        open_source(settings, sent.pending, imap="imap://imap.test")
+    missing = tmp_path / "no-ca.pem"
+    with pytest.raises(ConfigError, match=r"CA file .* does not exist") as err:
+        open_source(
+            settings.model_copy(update={"imap_ca_file": missing}),
+            sent.pending,
+            imap="imaps://me@127.0.0.1:1",
+        )
+    assert err.value.hint is not None
+    assert "--imap-ca-file" in err.value.hint
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    with pytest.raises(TransportError, match="cannot load the IMAP CA file"):
+        open_source(
+            settings.model_copy(update={"imap_ca_file": bad}),
+            sent.pending,
+            imap="imaps://me@127.0.0.1:1",
+        )
