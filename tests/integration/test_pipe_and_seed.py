@@ -21,6 +21,8 @@ system Python of the same version.
 
 from __future__ import annotations
 
+import base64
+import fcntl
 import json
 import os
 import pwd
@@ -65,6 +67,7 @@ Cleanup = Callable[[Path, str], None]
 SENDMAIL = "/usr/sbin/sendmail"
 CHECKOUT_MAILSH = Path(sys.prefix) / "bin" / "mailsh"
 RUN_TIMEOUT = 120
+ROOT_MBOX_LOCK = Path("/run/lock/mailsh-rig-root-mbox.lock")
 GPG_CLI = ["gpg", "--batch", "--no-tty"]  # the plain gpg CLI a person (or the seed) uses
 
 
@@ -472,3 +475,208 @@ def test_deliver_failure_keeps_the_mail_deferred_until_fixed(
     reply = open_reply(rig_alice, pipe_server.fingerprint, sealed, mail)
     assert reply.status is ReplyStatus.OK
     assert reply.stdout == b"late but once\n"
+
+
+# --------------------------------------------------------------------------- the seed's client
+
+
+@pytest.fixture
+def root_mbox_exclusive() -> Iterator[None]:
+    """Hold the host-wide lock for consumers of /var/mail/root while the test runs.
+
+    Within one test run the mailrig xdist group keeps consumers apart; this lock is for
+    concurrent runs from other checkouts on the same machine, whose ``serve --mbox
+    /var/mail/root`` would otherwise take (and discard) this test's mail. It only helps
+    against runs that take it too.
+    """
+    ROOT_MBOX_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with ROOT_MBOX_LOCK.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.fixture
+def root_server(
+    make_home: Callable[..., Home],
+    rig_alice: Home,
+    mailrig: MailRig,  # noqa: F811
+    root_mbox_exclusive: None,
+) -> Home:
+    """A fresh server home for root@mailsh.test; alice's gpg knows its public key."""
+    server = make_home(mailrig.root_address, address=mailrig.root_address)
+    gpg_import(rig_alice, server.pubkey)
+    return server
+
+
+def checkout_mailsh(server: Home, *argv: str) -> subprocess.CompletedProcess[str]:
+    """The real CLI of this checkout, as root, on the server's home."""
+    env = {**os.environ, "MAILSH_HOME": str(server.path)}
+    return run([str(CHECKOUT_MAILSH), *argv], env=env)
+
+
+def seed_sign(alice: Home, script: str, workdir: Path) -> Path:
+    """The seed's request: ``gpg --local-user ME --armor --sign request.txt``."""
+    request = workdir / "request.txt"
+    request.write_text(script, encoding="utf-8")
+    signed = workdir / "request.txt.asc"
+    signed.unlink(missing_ok=True)
+    home = str(alice.settings.gnupg_home)
+    who = ["--local-user", alice.fingerprint]
+    run(
+        [
+            *GPG_CLI,
+            "--homedir",
+            home,
+            *who,
+            "--armor",
+            "--output",
+            str(signed),
+            "--sign",
+            str(request),
+        ]
+    )
+    return signed
+
+
+def seed_send(
+    rig: MailRig, signed: Path, subject: str, *, preamble: str = "Please run me :)"
+) -> bytes:
+    """``preamble`` + ``uuencode FILE NAME`` as the body, sent by s-nail as alice over 587.
+
+    Returns the request as Postfix delivered it to root's mbox.
+    """
+    uu = run(["uuencode", str(signed), signed.name], cwd=signed.parent).stdout
+    body = f"{preamble}\n\n{uu}"
+    account = rig.alice
+    # s-nail checks the certificate against the host name, not an IP SAN: use localhost.
+    settings = [
+        "v15-compat",
+        f"mta=smtp://{account.name}:{account.password}@localhost:{rig.submission_port}",
+        "smtp-use-starttls",
+        "smtp-auth=plain",
+        f"tls-ca-file={rig.ca_file}",
+        "tls-ca-no-defaults",
+        f"hostname=client.{rig.domain}",
+        f"from={account.address}",
+        "ttycharset=utf-8",  # a non-ASCII body goes out as UTF-8 quoted-printable
+    ]
+    argv = ["s-nail", "-n", "-#"]
+    for setting in settings:
+        argv += ["-S", setting]
+    run([*argv, "-s", subject, rig.root_address], input=body)
+    return wait_for_message(rig.root_mbox, contains(subject))
+
+
+def serve_root_mbox(rig: MailRig, server: Home) -> subprocess.CompletedProcess[str]:
+    return checkout_mailsh(
+        server, "serve", "--mbox", str(rig.root_mbox), "--once", "--sendmail", SENDMAIL
+    )
+
+
+def reply_to_mail(rig: MailRig, request: bytes, cleanup: Cleanup) -> bytes:
+    """The reply in alice's mbox that answers ``request`` (In-Reply-To its Message-ID)."""
+    message_id = header(request, "Message-ID")
+    cleanup(rig.alice_mbox, message_id)
+    return wait_for_message(rig.alice_mbox, contains(f"In-Reply-To: {message_id}"))
+
+
+def test_seed_client_runs_when_allowed_once_and_reply_reads_with_gpg(
+    mailrig: MailRig,  # noqa: F811
+    rig_alice: Home,
+    root_server: Home,
+    cleanup_messages: Cleanup,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    checkout_mailsh(root_server, "trust", "add", str(rig_alice.pubkey), "--allow-plain-scripts")
+    marker = tmp_path / "ran"
+    secret = unique_token()
+    signed = seed_sign(rig_alice, f"echo ran >> {marker}\necho {secret}\n", tmp_path)
+    subject = f"Test {unique_token()}"
+    cleanup_messages(mailrig.root_mbox, subject)
+
+    request = seed_send(mailrig, signed, subject)
+    assert b"\nbegin 644 request.txt.asc\n" in request  # uuencode's mode and name line
+    served = serve_root_mbox(mailrig, root_server)
+    assert "executed" in served.stderr, served.stderr
+    assert marker.read_text() == "ran\n"
+
+    mail = reply_to_mail(mailrig, request, cleanup_messages)
+    assert header(mail, "To") == mailrig.alice.address  # the key's pinned address
+    assert secret.encode() not in mail
+    reading = gpg_read_reply(rig_alice, mail, tmp_path / "reply.eml", root_server.fingerprint)
+    assert reading.reply["status"] == "ok"
+    assert reading.reply["exit_code"] == 0
+    assert base64.b64decode(reading.reply["stdout"]) == f"{secret}\n".encode()
+    assert re.fullmatch(r"[0-9a-f]{32}", reading.reply["request_id"])
+    assert_preamble(reading, status="ok", exit_code=0)
+    assert secret not in reading.preamble
+
+    # Replay: the same signed file, mailed again (new headers, new Message-ID).
+    subject2 = f"Test {unique_token()}"
+    cleanup_messages(mailrig.root_mbox, subject2)
+    replayed = seed_send(mailrig, signed, subject2)
+    served = serve_root_mbox(mailrig, root_server)
+    # If this fails, another consumer of /var/mail/root (a concurrent test run from
+    # another checkout) took the mail first; see root_mbox_exclusive.
+    assert "reason=replay" in served.stderr, served.stderr
+    assert marker.read_text() == "ran\n"  # not run again
+    again = gpg_read_reply(
+        rig_alice,
+        reply_to_mail(mailrig, replayed, cleanup_messages),
+        tmp_path / "replay.eml",
+        root_server.fingerprint,
+    )
+    assert again.reply["status"] == "rejected"
+    assert again.reply["request_id"] == reading.reply["request_id"]  # same signature id
+    assert "replay" in again.reply["reason"]
+    assert_preamble(again, status="rejected", exit_code=None)
+
+
+def test_seed_client_without_the_flag_is_refused_and_told_why(
+    mailrig: MailRig,  # noqa: F811
+    rig_alice: Home,
+    root_server: Home,
+    cleanup_messages: Cleanup,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    checkout_mailsh(root_server, "trust", "add", str(rig_alice.pubkey))
+    marker = tmp_path / "ran"
+    signed = seed_sign(rig_alice, f"echo ran >> {marker}\n", tmp_path)
+    subject = f"Test {unique_token()}"
+    cleanup_messages(mailrig.root_mbox, subject)
+
+    request = seed_send(mailrig, signed, subject)
+    served = serve_root_mbox(mailrig, root_server)
+    assert "rejected" in served.stderr
+    assert not marker.exists()
+
+    mail = reply_to_mail(mailrig, request, cleanup_messages)
+    reading = gpg_read_reply(rig_alice, mail, tmp_path / "reply.eml", root_server.fingerprint)
+    assert reading.reply["status"] == "rejected"
+    assert reading.reply["reason"].startswith("plain-script-not-allowed")
+    assert "--allow-plain-scripts" not in reading.preamble  # the why is inside, encrypted
+    assert_preamble(reading, status="rejected", exit_code=None)
+
+
+def test_seed_client_quoted_printable_body_still_runs(
+    mailrig: MailRig,  # noqa: F811
+    rig_alice: Home,
+    root_server: Home,
+    cleanup_messages: Cleanup,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A mail client encodes a non-ASCII note as quoted-printable: the uu lines' "=" too."""
+    checkout_mailsh(root_server, "trust", "add", str(rig_alice.pubkey), "--allow-plain-scripts")
+    marker = tmp_path / "ran"
+    signed = seed_sign(rig_alice, f"echo ran >> {marker}\n", tmp_path)
+    subject = f"Test {unique_token()}"
+    cleanup_messages(mailrig.root_mbox, subject)
+
+    request = seed_send(mailrig, signed, subject, preamble="Bitte ausführen — alice")
+    assert b"Content-Transfer-Encoding: quoted-printable" in request
+    served = serve_root_mbox(mailrig, root_server)
+    assert "executed" in served.stderr, served.stderr
+    assert marker.read_text() == "ran\n"
+    reply = reply_to_mail(mailrig, request, cleanup_messages)
+    reading = gpg_read_reply(rig_alice, reply, tmp_path / "reply.eml", root_server.fingerprint)
+    assert reading.reply["status"] == "ok"
