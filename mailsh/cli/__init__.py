@@ -81,19 +81,27 @@ HomeOpt = Annotated[
 ]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from mailsh import __version__
+
+        typer.echo(f"mailsh {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _main(
     home: HomeOpt = None,
     debug: Annotated[
         bool, typer.Option("--debug", envvar="MAILSH_DEBUG", help="Show tracebacks.")
     ] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version.", is_eager=True, callback=_print_version
+        ),
+    ] = False,
 ) -> None:
-    if version:
-        from mailsh import __version__
-
-        typer.echo(f"mailsh {__version__}")
-        raise typer.Exit(0)
     GlobalOpts.home = home
     GlobalOpts.debug = debug
 

@@ -87,3 +87,12 @@ def test_mbox_serve_once_subprocess(alice: Home, srv: Home, sink: Sink, tmp_path
     assert served.returncode == 0, served.stderr
     [reply] = replies_for(alice, srv, sealed, sink)
     assert reply.exit_code == 9
+
+
+def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from mailsh import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mailsh {__version__}"
