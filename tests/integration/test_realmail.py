@@ -122,9 +122,14 @@ def tail(path: Path, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def diagnostics(rig: MailRig, serve_log: Path | None = None) -> str:
-    """Where to look when a reply does not come: serve's log and Postfix's (bounces)."""
-    parts = []
+def diagnostics(
+    rig: MailRig, serve_log: Path | None = None, *, stderr: bytes = b"", imap: bool = False
+) -> str:
+    """Where to look when a reply does not come: mailsh's stderr, serve's log, Postfix's
+    (bounces) and, for IMAP, Dovecot's."""
+    parts = [f"--- mailsh stderr\n{stderr.decode(errors='replace')}"] if stderr else []
+    if imap:
+        parts.append(f"--- {rig.log_dir / 'dovecot.log'}\n{tail(rig.log_dir / 'dovecot.log')}")
     if serve_log is not None:
         parts.append(f"--- {serve_log}\n{tail(serve_log)}")
     parts.append(f"--- {rig.log_dir / 'postfix.log'}\n{tail(rig.log_dir / 'postfix.log')}")
@@ -203,7 +208,10 @@ def serve_args(rig: MailRig, server: Home, workdir: Path, transport: str, *extra
     return out + list(extra)
 
 
-def serve_once(rig: MailRig, server: Home, tmp_path: Path, transport: str = "sendmail") -> None:
+def serve_once(
+    rig: MailRig, server: Home, tmp_path: Path, request_id: str, transport: str = "sendmail"
+) -> None:
+    """``mailsh serve --once`` over /var/mail/root; fails unless it ran ``request_id``."""
     log = tmp_path / "serve-once.log"
     with log.open("ab") as fh:
         done = subprocess.run(
@@ -216,6 +224,12 @@ def serve_once(rig: MailRig, server: Home, tmp_path: Path, transport: str = "sen
             check=False,
         )
     assert done.returncode == 0, diagnostics(rig, log)
+    # Another process taking mail out of /var/mail/root (a second test session run by
+    # hand at the same time) would make the reply never come: say so here instead.
+    assert f"request={request_id}".encode() in log.read_bytes(), (
+        f"serve --once did not see request {request_id}: did another process take it "
+        f"out of {rig.root_mbox}?\n{diagnostics(rig, log)}"
+    )
 
 
 @dataclass
@@ -276,13 +290,13 @@ def test_once_round_trip_via_postfix_to_alices_mbox(
     cleanup_messages(mailrig.alice_mbox, rid)
     wait_request_delivered(mailrig, rid)
 
-    serve_once(mailrig, homes.server, tmp_path, transport)
+    serve_once(mailrig, homes.server, tmp_path, rid, transport)
 
     code, out, err = run(
         "--home", str(homes.alice.path), "wait-reply", rid,
         "--mbox", str(mailrig.alice_mbox), "--timeout", str(ROUND_TRIP_TIMEOUT),
     )  # fmt: skip
-    assert (code, out, err) == (7, b"out\n", b"err\n"), diagnostics(mailrig)
+    assert (code, out, err) == (7, b"out\n", b"err\n"), diagnostics(mailrig, stderr=err)
     assert not contains(rid)(mailrig.root_mbox.read_bytes())  # serve took the request
     assert PendingStore(homes.alice.path).load(rid).answered_at is not None
 
@@ -300,13 +314,13 @@ def test_maildir_user_gets_the_reply_in_his_maildir(
     cleanup_messages(mailrig.bob_maildir, rid)
     wait_request_delivered(mailrig, rid)
 
-    serve_once(mailrig, homes.server, tmp_path)
+    serve_once(mailrig, homes.server, tmp_path, rid)
 
     code, out, err = run(
         "--home", str(homes.bob.path), "wait-reply", rid,
         "--maildir", str(mailrig.bob_maildir), "--timeout", str(ROUND_TRIP_TIMEOUT),
     )  # fmt: skip
-    assert (code, out, err) == (3, b"bob", b""), diagnostics(mailrig)
+    assert (code, out, err) == (3, b"bob", b""), diagnostics(mailrig, stderr=err)
     assert any(contains(rid)(m) for m in read_mailbox(mailrig.bob_maildir))  # left in place
 
 
@@ -342,7 +356,7 @@ def test_long_running_serve_answers_one_request_after_another(
                 "--wait", *wait, "--wait-timeout", str(ROUND_TRIP_TIMEOUT),
             )  # fmt: skip
             assert (code, out, err) == (n + 1, f"request {n}\n".encode(), b""), (
-                f"request {n}: {err!r}\n{diagnostics(mailrig, serve.log)}"
+                f"request {n}\n{diagnostics(mailrig, serve.log, stderr=err, imap=n == 2)}"
             )
         for record in PendingStore(homes.alice.path).all():
             cleanup_messages(mailrig.alice_mbox, record.request_id)
@@ -382,13 +396,15 @@ def test_wait_reply_over_imap_is_woken_by_idle(
         _await_imap_login(dovecot_log, log_start, mailrig.alice.name, waiter)
         time.sleep(1.0)  # its first scan (SEARCH, FETCH) is done, it sits in IDLE
         assert waiter.poll() is None, waiter.communicate()
-        serve_once(mailrig, homes.server, tmp_path)
+        serve_once(mailrig, homes.server, tmp_path, rid)
         out, err = waiter.communicate(timeout=ROUND_TRIP_TIMEOUT + 30)
     finally:
         if waiter.poll() is None:
             waiter.kill()
             waiter.wait(30)
-    assert (waiter.returncode, out, err) == (7, b"out\n", b"err\n"), diagnostics(mailrig)
+    assert (waiter.returncode, out, err) == (7, b"out\n", b"err\n"), diagnostics(
+        mailrig, stderr=err, imap=True
+    )
 
 
 def _await_imap_login(
@@ -420,7 +436,7 @@ def test_wait_reply_over_imap_finds_a_reply_that_arrived_before_it_started(
     cleanup_messages(mailrig.root_mbox, rid)
     cleanup_messages(mailrig.alice_mbox, rid)
     wait_request_delivered(mailrig, rid)
-    serve_once(mailrig, homes.server, tmp_path)
+    serve_once(mailrig, homes.server, tmp_path, rid)
     wait_for_message(mailrig.alice_mbox, contains(f"mailsh reply {rid}"))
     before = len(mbox_messages(mailrig.alice_mbox))
 
@@ -430,7 +446,7 @@ def test_wait_reply_over_imap_finds_a_reply_that_arrived_before_it_started(
         "--imap", f"imaps://{mailrig.alice.name}@{mailrig.host}:{mailrig.imaps_port}",
         "--imap-ca-file", str(mailrig.ca_file), "--timeout", "30",
     )  # fmt: skip
-    assert (code, out, err) == (0, b"early\n", b""), diagnostics(mailrig)
+    assert (code, out, err) == (0, b"early\n", b""), diagnostics(mailrig, stderr=err)
     # Read-only (EXAMINE, BODY.PEEK): nothing removed, nothing marked \Seen. Dovecot does
     # write its own UID bookkeeping (X-IMAPbase, X-UID, Status: O) into the mbox.
     after = mailrig.alice_mbox.read_bytes()
