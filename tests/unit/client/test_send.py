@@ -31,10 +31,8 @@ from mailsh.client.pending import (
     UnknownRequestError,
 )
 from mailsh.client.send import (
-    Outbound,
     build_request,
     mbox_mark,
-    outbound_from_settings,
     read_stdin_arg,
     send_request,
 )
@@ -49,6 +47,7 @@ from mailsh.errors import (
 )
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.trust import add_trusted_key, load_trust
+from mailsh.mailer import Outbound, outbound_from_settings
 from mailsh.protocol import Reply, ReplyStatus
 from mailsh.settings import Settings, ensure_home, load_settings
 from mailsh.transport import SmtpOptions, parse_smtp_url
