@@ -324,6 +324,7 @@ def test_maildir_user_gets_the_reply_in_his_maildir(
     assert any(contains(rid)(m) for m in read_mailbox(mailrig.bob_maildir))  # left in place
 
 
+@pytest.mark.timeout(3 * ROUND_TRIP_TIMEOUT + 120)
 def test_long_running_serve_answers_one_request_after_another(
     mailrig: MailRig,  # noqa: F811
     homes: Homes,
@@ -477,6 +478,7 @@ def test_wait_reply_over_imap_without_password_says_what_to_export(
 # --------------------------------------------------------------------------- the burst
 
 
+@pytest.mark.timeout(BURST_TIMEOUT + 300)  # the bound is BURST_TIMEOUT, not pytest's 300 s
 def test_burst_of_200_requests_through_postfix_each_run_once_each_answered(
     mailrig: MailRig,  # noqa: F811
     homes: Homes,
