@@ -140,7 +140,7 @@ class ImapWatcher:
         except OSError as exc:  # missing file, or not PEM (ssl.SSLError)
             raise TransportError(
                 f"cannot load the IMAP CA file {self.ca_file}: {exc}",
-                hint="pass a PEM file of the CA certificate(s) (MAILSH_IMAP_CA_FILE)",
+                hint="pass a PEM file of CA certificates (--imap-ca-file / MAILSH_IMAP_CA_FILE)",
             ) from exc
         imap: imaplib.IMAP4
         try:
@@ -190,7 +190,7 @@ class ImapWatcher:
         return TransportError(
             f"TLS certificate of IMAP server {where} not trusted: {exc.verify_message}",
             hint="for a private CA or self-signed server pass its certificate as the CA file "
-            "(MAILSH_IMAP_CA_FILE)",
+            "(--imap-ca-file / MAILSH_IMAP_CA_FILE)",
         )
 
     def _refresh_capabilities(self) -> None:
@@ -457,6 +457,8 @@ def _quote_mailbox(name: str) -> str:
 
 
 def _text(value: object) -> str:
+    if isinstance(value, BaseException) and len(value.args) == 1:
+        value = value.args[0]  # imaplib puts the server's bytes in args: not "b'...'"
     if isinstance(value, list):
         value = b" ".join(v for v in value if isinstance(v, bytes))
     if isinstance(value, bytes):

@@ -456,7 +456,7 @@ def test_wait_reply_over_imap_finds_a_reply_that_arrived_before_it_started(
     assert not re.search(rb"^Status: \w*R", after, re.MULTILINE), "marked as read"
 
 
-def test_wait_reply_over_imap_without_password_says_what_to_export(
+def test_wait_reply_over_imap_without_or_with_a_wrong_password_says_what_to_do(
     mailrig: MailRig,  # noqa: F811
     homes: Homes,
     run: Run,
@@ -473,6 +473,17 @@ def test_wait_reply_over_imap_without_password_says_what_to_export(
     assert out == b""
     assert b"needs the password of 'alice'" in err
     assert b"next: export MAILSH_IMAP_PASSWORD=" in err
+
+    monkeypatch.setenv("MAILSH_IMAP_PASSWORD", "not-" + mailrig.alice.password)
+    code, out, err = run(
+        "--home", str(homes.alice.path), "wait-reply", rid,
+        "--imap", f"imap://{mailrig.alice.name}@{mailrig.host}",
+        "--imap-ca-file", str(mailrig.ca_file), "--timeout", "5",
+    )  # fmt: skip
+    assert (code, out) == (255, b"")
+    # the server's own words, not a Python bytes repr (b'[AUTHENTICATIONFAILED] ...')
+    assert err.startswith(b"mailsh: IMAP login as 'alice' on 127.0.0.1:143 failed: ["), err
+    assert b"next: check the user in the URL and MAILSH_IMAP_PASSWORD" in err
 
 
 # --------------------------------------------------------------------------- the burst
