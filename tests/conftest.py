@@ -94,12 +94,24 @@ def mallory(make_home: Callable[..., Home]) -> Home:
     return make_home("mallory@evil.test")
 
 
-# The real Postfix + Dovecot rig (issue 5): its fixtures, and one xdist worker for every
-# test that uses it, since they share /var/mail/root and the daemons.
+# The real Postfix + Dovecot rig (issue 5): its fixtures, and one rig test at a time.
 from tests.integration.mailrig import cleanup_messages, mailrig  # noqa: E402, F401
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.get_closest_marker("mailrig") is not None:
-            item.add_marker(pytest.mark.xdist_group("mailrig"))
+@pytest.fixture(autouse=True)
+def _one_rig_test_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Serialise tests that use the real mail rig, across xdist workers and sessions.
+
+    They share /var/mail/root and the daemons: a serve in one test would consume another
+    test's mail. A file lock (rather than xdist_group, which pytest 9.2 with
+    pytest-xdist 3.8 ignores: pytest-xdist#1386) also keeps two concurrent test runs on
+    one machine apart.
+    """
+    if request.node.get_closest_marker("mailrig") is None:
+        yield
+        return
+    import fcntl
+
+    with open(Path(tempfile.gettempdir()) / "mailsh-rig-tests.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
