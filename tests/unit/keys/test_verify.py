@@ -10,6 +10,7 @@ check in verify() turns at least one test here red.
 from __future__ import annotations
 
 import re
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -192,7 +193,15 @@ def test_signer_unknown_to_gpg(keyring: Keyring) -> None:
 
 def test_gpg_trust_level_is_irrelevant(mallory: Home, keyring: Keyring) -> None:
     """P2: even ultimate trust in gpg's trustdb does not make a key authorize."""
-    forge.gpg(keyring.home, "--import-ownertrust", data=f"{mallory.fingerprint}:6:\n".encode())
+    # Not through forge.gpg: its "--trust-model always" never creates a trustdb, and
+    # --import-ownertrust needs one (it failed when this test ran first).
+    subprocess.run(
+        ["gpg", "--homedir", str(keyring.home), "--batch", "--import-ownertrust"],
+        input=f"{mallory.fingerprint}:6:\n".encode(),
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
     armored = seal(mallory.gpg, PAYLOAD, signer=mallory.fingerprint, recipient=None)
     _reject("signer-not-pinned", lambda: keyring.verify(armored))
 
