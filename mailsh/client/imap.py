@@ -217,6 +217,20 @@ class ImapWatcher:
             self.last_uid = uidnext - 1 if uidnext is not None else self._max_uid()
         imap.untagged_responses.clear()
 
+    def uids_since(self, day: str) -> list[int] | None:
+        """UIDs of messages received on or after ``day`` (IMAP date, e.g. ``7-Mar-2026``).
+
+        None when the server refuses the search (callers then scan from the start).
+        """
+        try:
+            status, data = self._conn().uid("SEARCH", "SINCE", day)
+        except (imaplib.IMAP4.error, OSError, EOFError):
+            return None
+        if status != "OK":
+            return None
+        words = data[0].split() if data and isinstance(data[0], bytes) else []
+        return [int(w) for w in words if w.isdigit()]
+
     def _max_uid(self) -> int:
         status, data = self._conn().uid("SEARCH", "ALL")
         if status != "OK":

@@ -206,18 +206,9 @@ def imap_start_uid(watcher: ImapWatcher, since: date) -> int:
     watcher's own start (UIDNEXT - 1 after connecting with ``since_uid=None``) is kept.
     If the search fails, 0: everything is scanned (slower, but nothing is missed).
     """
-    import imaplib
-
-    try:
-        # ImapWatcher has no search of its own; this read-only command runs on its
-        # connection between its own commands (nothing else is in flight here).
-        status, data = watcher._conn().uid("SEARCH", "SINCE", imap_search_date(since))
-    except (imaplib.IMAP4.error, OSError, EOFError):
+    uids = watcher.uids_since(imap_search_date(since))
+    if uids is None:
         return 0
-    if status != "OK":
-        return 0
-    words = data[0].split() if data and isinstance(data[0], bytes) else []
-    uids = [int(w) for w in words if w.isdigit()]
     if uids:
         return min(uids) - 1
     return watcher.last_uid if watcher.last_uid is not None else 0

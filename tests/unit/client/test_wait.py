@@ -16,6 +16,7 @@ from typing import Any, cast
 import pytest
 from pydantic import SecretStr
 
+from mailsh.client.imap import ImapWatcher
 from mailsh.client.pending import PendingStore
 from mailsh.client.send import SentRequest, mbox_mark, send_request
 from mailsh.client.wait import (
@@ -433,6 +434,9 @@ class _FakeWatcher:
 
     def _conn(self) -> _FakeImapConn:
         return self.conn
+
+    # The real search, run on the fake connection: its fallbacks are what is tested.
+    uids_since = ImapWatcher.uids_since
 
     def connect(self) -> None:
         self.events.append("connect")
