@@ -58,7 +58,7 @@ class OutboundWorker:
 
     def _flush(self) -> int:
         sent = 0
-        for item in self.state.due_outbound(datetime.now(UTC)):
+        for item in self.state.lease_outbound(datetime.now(UTC)):
             try:
                 self.mailer(item.from_addr, item.to_addr, item.message)
             except TransportError as exc:

@@ -232,6 +232,29 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
 }
 
 
+_DUE_OUTBOUND = (
+    "SELECT id, to_addr, from_addr, message, spool_id, request_id, attempts,"
+    " next_attempt_at, last_error, created_at FROM outbound"
+    " WHERE sent_at IS NULL AND abandoned_at IS NULL AND next_attempt_at <= ?"
+    " ORDER BY next_attempt_at, id LIMIT ?"
+)
+
+
+def _outbound(r: Any) -> Outbound:
+    return Outbound(
+        id=r[0],
+        to_addr=r[1],
+        from_addr=r[2],
+        message=r[3],
+        spool_id=r[4],
+        request_id=r[5],
+        attempts=r[6],
+        next_attempt_at=_dt(r[7]),
+        last_error=r[8],
+        created_at=_dt(r[9]),
+    )
+
+
 def _ts(when: datetime) -> str:
     if when.tzinfo is None:
         raise ValueError(f"naive datetime {when!r}: state timestamps must be timezone-aware")
@@ -617,28 +640,25 @@ class StateDB:
     def due_outbound(self, now: datetime, *, limit: int = 100) -> list[Outbound]:
         """Unsent replies whose next attempt is due at ``now``: earliest due first, then id."""
         with self._read() as conn:
-            rows = conn.execute(
-                "SELECT id, to_addr, from_addr, message, spool_id, request_id, attempts,"
-                " next_attempt_at, last_error, created_at FROM outbound"
-                " WHERE sent_at IS NULL AND abandoned_at IS NULL AND next_attempt_at <= ?"
-                " ORDER BY next_attempt_at, id LIMIT ?",
-                (_ts(now), limit),
-            ).fetchall()
-        return [
-            Outbound(
-                id=r[0],
-                to_addr=r[1],
-                from_addr=r[2],
-                message=r[3],
-                spool_id=r[4],
-                request_id=r[5],
-                attempts=r[6],
-                next_attempt_at=_dt(r[7]),
-                last_error=r[8],
-                created_at=_dt(r[9]),
+            rows = conn.execute(_DUE_OUTBOUND, (_ts(now), limit)).fetchall()
+        return [_outbound(r) for r in rows]
+
+    def lease_outbound(
+        self, now: datetime, *, lease: timedelta = timedelta(minutes=5), limit: int = 100
+    ) -> list[Outbound]:
+        """Take the due replies for sending: like :meth:`due_outbound`, but in the same
+        transaction their next attempt moves to ``now + lease``, so another serve process
+        sharing this file does not send them too. A process that dies mid-send leaves
+        them to be retried when the lease runs out (a reply may then go twice, never
+        zero times).
+        """
+        with self._write() as conn:
+            rows = conn.execute(_DUE_OUTBOUND, (_ts(now), limit)).fetchall()
+            conn.executemany(
+                "UPDATE outbound SET next_attempt_at = ? WHERE id = ?",
+                [(_ts(now + lease), r[0]) for r in rows],
             )
-            for r in rows
-        ]
+        return [_outbound(r) for r in rows]
 
     def mark_sent(self, outbound_id: int) -> None:
         with self._write() as conn:

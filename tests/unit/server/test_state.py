@@ -553,3 +553,39 @@ def test_counts_and_last_errors(db: StateDB, clock: Clock) -> None:
     assert report["discarded"] == 2
     last = report["last_errors"]
     assert isinstance(last, list) and "connection refused" in last[0]
+
+
+def test_leased_replies_are_taken_once_by_racing_senders(tmp_path: Path, clock: Clock) -> None:
+    """Two serve processes (here: 8 threads, each its own connection and StateDB) never
+    take the same reply at once; a lease that runs out makes it due again."""
+    path = tmp_path / "state.db"
+    first = StateDB(path, clock=clock)
+    ids = [
+        first.enqueue_reply(
+            to_addr="a@x", from_addr="s@x", message=b"m", spool_id=f"m{i}", request_id=None
+        )
+        for i in range(40)
+    ]
+    taken: list[int] = []
+    lock = threading.Lock()
+
+    def sender() -> None:
+        with StateDB(path, clock=clock) as db:
+            while True:
+                batch = db.lease_outbound(clock.now, limit=3)
+                if not batch:
+                    return
+                with lock:
+                    taken.extend(o.id for o in batch)
+
+    threads = [threading.Thread(target=sender) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(taken) == ids  # each exactly once
+    assert first.lease_outbound(clock.now) == []
+    # nobody confirmed them: after the lease they are due again (at least once, never lost)
+    again = first.lease_outbound(clock.now + timedelta(minutes=6), limit=100)
+    assert sorted(o.id for o in again) == ids
+    first.close()
