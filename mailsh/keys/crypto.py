@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 
 from mailsh.errors import GpgError, ProtocolError
 from mailsh.keys.gpg import Gpg, status_lines
+from mailsh.keys.packets import check_message_shape
 
 # Status keywords an acceptable verification may contain. Everything else (BADSIG,
 # ERRSIG, EXPKEYSIG, REVKEYSIG, EXPSIG, NO_PUBKEY, BADMDC, DECRYPTION_FAILED, FAILURE,
@@ -96,6 +97,7 @@ def verify(  # noqa: PLR0912 - one branch per accepting check, kept flat on purp
     passphrase: str | None = None,
 ) -> VerifiedPayload:
     """Decrypt (if needed) and verify ``armored``; raise ProtocolError on any doubt."""
+    check_message_shape(armored, max_bytes=gpg.max_output)
     result = gpg.raw.decrypt(armored, passphrase=passphrase)
     statuses = status_lines(result.stderr or "")
     names = Counter(name for name, _ in statuses)

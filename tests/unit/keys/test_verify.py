@@ -119,6 +119,20 @@ def _reject(reason: str, fn: Callable[[], object], match: str | None = None) -> 
     return info.value
 
 
+@pytest.fixture
+def in_depth(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """Check both layers: the packet-shape check rejects the message first, and with
+    that check switched off, gpg's status lines still reject it for ``reason``."""
+
+    def check(reason: str, fn: Callable[[], object], match: str | None = None) -> None:
+        _reject("packet-sequence", fn)
+        with monkeypatch.context() as m:
+            m.setattr(crypto, "check_message_shape", lambda *a, **k: None)
+            _reject(reason, fn, match)
+
+    return check
+
+
 # --------------------------------------------------------------------------------------
 # Accepting
 # --------------------------------------------------------------------------------------
@@ -172,9 +186,11 @@ def test_verified_payload_cannot_be_built_directly() -> None:
 # --------------------------------------------------------------------------------------
 
 
-def test_unsigned_literal_is_rejected(alice: Home, keyring: Keyring) -> None:
+def test_unsigned_literal_is_rejected(
+    in_depth: Callable[..., None], alice: Home, keyring: Keyring
+) -> None:
     armored = forge.gpg(alice.settings.gnupg_home, "--store", "--armor", data=PAYLOAD)
-    _reject("unsigned", lambda: keyring.verify(armored))
+    in_depth("unsigned", lambda: keyring.verify(armored))
 
 
 def test_signer_known_to_gpg_but_not_pinned(mallory: Home, keyring: Keyring) -> None:
@@ -270,7 +286,11 @@ def test_future_dated_signature_is_rejected(alice: Home, keyring: Keyring) -> No
 
 
 def test_two_signatures_both_pinned(
-    alice: Home, mallory: Home, keyring: Keyring, pin: Callable[[str], None]
+    in_depth: Callable[..., None],
+    alice: Home,
+    mallory: Home,
+    keyring: Keyring,
+    pin: Callable[[str], None],
 ) -> None:
     """P4: exactly one signature, even when every signer would be acceptable alone."""
     pin(mallory.fingerprint)
@@ -287,10 +307,12 @@ def test_two_signatures_both_pinned(
             mallory.fingerprint,
             data=PAYLOAD,
         )
-    _reject("signature-count", lambda: keyring.verify(armored))
+    in_depth("signature-count", lambda: keyring.verify(armored))
 
 
-def test_pinned_signature_plus_unknown_signature(alice: Home, keyring: Keyring) -> None:
+def test_pinned_signature_plus_unknown_signature(
+    in_depth: Callable[..., None], alice: Home, keyring: Keyring
+) -> None:
     """python-gnupg says valid (last good sig) next to an unverifiable one; verify() doesn't."""
     with forge.scratch_home() as both:
         forge.gpg(both, "--quick-gen-key", "eve <eve@example.org>", "ed25519", "sign", "1y")
@@ -300,10 +322,12 @@ def test_pinned_signature_plus_unknown_signature(alice: Home, keyring: Keyring) 
             both, "--sign", "--armor", "-u", eve, "-u", alice.fingerprint, data=PAYLOAD
         )
     assert keyring.gpg.raw.decrypt(armored).valid  # the pitfall is real
-    _reject("bad-signature", lambda: keyring.verify(armored), "ERRSIG|NO_PUBKEY")
+    in_depth("bad-signature", lambda: keyring.verify(armored), "ERRSIG|NO_PUBKEY")
 
 
-def test_pinned_signature_plus_mallorys(alice: Home, mallory: Home, keyring: Keyring) -> None:
+def test_pinned_signature_plus_mallorys(
+    in_depth: Callable[..., None], alice: Home, mallory: Home, keyring: Keyring
+) -> None:
     with forge.scratch_home() as both:
         forge.copy_secret_key(alice.settings.gnupg_home, alice.fingerprint, both)
         forge.copy_secret_key(mallory.settings.gnupg_home, mallory.fingerprint, both)
@@ -317,14 +341,16 @@ def test_pinned_signature_plus_mallorys(alice: Home, mallory: Home, keyring: Key
             alice.fingerprint,
             data=PAYLOAD,
         )
-    _reject("signature-count", lambda: keyring.verify(armored))
+    in_depth("signature-count", lambda: keyring.verify(armored))
 
 
-def test_unsigned_literal_before_signed_message(alice: Home, keyring: Keyring) -> None:
+def test_unsigned_literal_before_signed_message(
+    in_depth: Callable[..., None], alice: Home, keyring: Keyring
+) -> None:
     """gpg outputs the first (unsigned) literal and stops: nothing signed at all."""
     evil = forge.gpg(alice.settings.gnupg_home, "--store", data=b"rm -rf /")
     armored = forge.armor(evil + _alice_signs(alice))
-    _reject("unsigned", lambda: keyring.verify(armored))
+    in_depth("unsigned", lambda: keyring.verify(armored))
 
 
 def test_raw_literal_before_uncompressed_signed_message(alice: Home, keyring: Keyring) -> None:
@@ -340,20 +366,15 @@ def test_raw_literal_before_uncompressed_signed_message(alice: Home, keyring: Ke
 def test_unsigned_literal_after_signed_message(
     alice: Home, keyring: Keyring, compress: bool
 ) -> None:
-    """Never an unsigned byte in the output (P1).
+    """P4: one signed message followed by an unsigned literal is rejected.
 
-    gpg 2.2.40 stops after a complete compressed signed message and ignores what
-    follows, so that form may be accepted, but only ever with exactly the signed bytes.
+    gpg 2.2.40 itself stops after a complete compressed signed message and ignores what
+    follows; mailsh's packet-shape check rejects it before gpg runs.
     """
     comp = () if compress else ("--compress-algo", "none")
     evil = forge.gpg(alice.settings.gnupg_home, "--store", *comp, data=b"rm -rf /")
     armored = forge.armor(_alice_signs(alice, PAYLOAD, *comp) + evil)
-    try:
-        out = keyring.verify(armored)
-    except ProtocolError:
-        return
-    assert compress, "uncompressed signed message followed by a literal must be rejected"
-    assert out.plaintext == PAYLOAD
+    _reject("packet-sequence", lambda: keyring.verify(armored))
 
 
 def test_flipped_byte_in_armor_is_rejected(alice: Home, keyring: Keyring) -> None:
@@ -376,7 +397,7 @@ def test_flipped_byte_with_valid_crc_is_rejected(alice: Home, keyring: Keyring) 
 
 
 def test_status_line_injection_via_literal_file_name(
-    alice: Home, mallory: Home, keyring: Keyring
+    in_depth: Callable[..., None], alice: Home, mallory: Home, keyring: Keyring
 ) -> None:
     """A file name holding fake [GNUPG:] lines naming alice must not make alice the signer."""
     fake = (
@@ -387,7 +408,7 @@ def test_status_line_injection_via_literal_file_name(
     unsigned = forge.gpg(
         alice.settings.gnupg_home, "--store", "--armor", "--set-filename", fake, data=PAYLOAD
     )
-    _reject("unsigned", lambda: keyring.verify(unsigned))
+    in_depth("unsigned", lambda: keyring.verify(unsigned))
     by_mallory = forge.gpg(
         mallory.settings.gnupg_home, "--sign", "--armor", "--set-filename", fake, data=PAYLOAD
     )
@@ -460,6 +481,7 @@ class FakeResult:
     status: str = "signature valid"
     key_status: str | None = None
     problems: tuple[str, ...] = ()
+    armored: bytes = b""  # the real message gpg saw (verify checks its packet shape first)
 
 
 class FakeRaw:
@@ -471,6 +493,8 @@ class FakeRaw:
 
 
 class FakeGpg:
+    max_output = 1 << 20
+
     def __init__(self, result: FakeResult) -> None:
         self.raw = FakeRaw(result)
 
@@ -480,7 +504,13 @@ def good(alice: Home, keyring: Keyring) -> tuple[FakeResult, datetime]:
     """A real good verification transcript of alice's signature, and when it was made."""
     armored = seal(alice.gpg, PAYLOAD, signer=alice.fingerprint, recipient=None)
     res = keyring.gpg.raw.decrypt(armored)
-    fake = FakeResult(stderr=res.stderr, returncode=res.returncode, valid=res.valid, data=res.data)
+    fake = FakeResult(
+        stderr=res.stderr,
+        returncode=res.returncode,
+        valid=res.valid,
+        data=res.data,
+        armored=armored,
+    )
     return fake, keyring.verify(armored).signed_at
 
 
@@ -521,7 +551,7 @@ def _fake_verify(result: FakeResult, at: datetime, **kw: Any) -> VerifiedPayload
     kw.setdefault("now", at)
     kw.setdefault("max_age", DAY)
     kw.setdefault("max_skew", SKEW)
-    return verify(cast(Gpg, FakeGpg(result)), b"", **kw)
+    return verify(cast(Gpg, FakeGpg(result)), result.armored, **kw)
 
 
 def test_fake_baseline_is_accepted(good: tuple[FakeResult, datetime]) -> None:
