@@ -1,0 +1,288 @@
+"""The state database: messages and their states, the replay record, audit, status."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+from mailsh.errors import StateError
+from mailsh.server.state.model import (
+    FINAL_STATES,
+    STATE_FILE,
+    AuditEntry,
+    ClaimedRequest,
+    MessageRecord,
+    MessageState,
+    StatusError,
+    _check_transition,
+    _dt,
+    _ts,
+    _utcnow,
+)
+from mailsh.server.state.outbound import _OutboundQueue
+
+log = logging.getLogger("mailsh.server.state")
+
+
+class StateDB(_OutboundQueue):
+    """The state database. Thread-safe; one instance per process is enough.
+
+    ``clock`` returns the current aware time (injectable for tests).
+    """
+
+    @classmethod
+    def open(cls, home: Path, *, clock: Callable[[], datetime] = _utcnow) -> StateDB:
+        """Open (creating if needed) ``state.db`` in the server home directory."""
+        return cls(home / STATE_FILE, clock=clock)
+
+    def record_message(self, spool_id: str, source: str, size: int, sha256: str) -> None:
+        """Note a spooled message as ``received``, or fill in its size and hash if
+        :meth:`begin_processing` created the row first. Recording again changes nothing."""
+        now = _ts(self._clock())
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO messages (spool_id, source, size, sha256, state, received_at,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (spool_id) DO UPDATE"
+                " SET size = excluded.size, sha256 = excluded.sha256 WHERE sha256 IS NULL",
+                (spool_id, source, size, sha256, MessageState.RECEIVED, now, now),
+            )
+
+    def set_message_state(
+        self,
+        spool_id: str,
+        state: MessageState,
+        *,
+        reason: str | None = None,
+        signer: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        """Move a message to ``state``.
+
+        A final state is final: setting the same final state again is a no-op, any other
+        change raises :class:`StateError` (P9: exactly one final state per message).
+        """
+        with self._write() as conn:
+            current = self._current_state(conn, spool_id)
+            if current == state and state in FINAL_STATES:
+                return
+            _check_transition(spool_id, current, state)
+            conn.execute(
+                "UPDATE messages SET state = ?, reason = coalesce(?, reason),"
+                " signer = coalesce(?, signer), request_id = coalesce(?, request_id),"
+                " updated_at = ? WHERE spool_id = ?",
+                (state, reason, signer, request_id, _ts(self._clock()), spool_id),
+            )
+
+    def message_state(self, spool_id: str) -> MessageState | None:
+        """The message's state, or None if it was never recorded."""
+        row = self._conn_read_one("SELECT state FROM messages WHERE spool_id = ?", (spool_id,))
+        return None if row is None else MessageState(row[0])
+
+    def message(self, spool_id: str) -> MessageRecord | None:
+        row = self._conn_read_one(
+            "SELECT spool_id, source, size, sha256, state, reason, signer, request_id,"
+            " attempts, received_at, updated_at FROM messages WHERE spool_id = ?",
+            (spool_id,),
+        )
+        if row is None:
+            return None
+        return MessageRecord(
+            spool_id=row[0],
+            source=row[1],
+            size=row[2],
+            sha256=row[3],
+            state=MessageState(row[4]),
+            reason=row[5],
+            signer=row[6],
+            request_id=row[7],
+            attempts=row[8],
+            received_at=_dt(row[9]),
+            updated_at=_dt(row[10]),
+        )
+
+    def messages_in_state(self, *states: MessageState) -> list[str]:
+        """Spool ids in any of ``states``, oldest first (e.g. unfinished work at start-up)."""
+        marks = ",".join("?" * len(states))
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT spool_id FROM messages WHERE state IN ({marks})"  # noqa: S608 - only ?s
+                " ORDER BY received_at, spool_id",
+                tuple(states),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def begin_processing(
+        self, spool_id: str, *, source: str | None = None, size: int | None = None
+    ) -> int:
+        """Durably count one more processing attempt and return the count (1 the first time).
+
+        Call before touching a message's bytes. If the processor crashes, the next start
+        sees a higher count; a caller quarantines a message at 3 (it crashed us twice,
+        P11). With ``source`` and ``size`` an unrecorded message is recorded first (hash
+        unknown until :meth:`record_message`); without them it must already be recorded.
+        """
+        now = _ts(self._clock())
+        with self._write() as conn:
+            if source is not None and size is not None:
+                conn.execute(
+                    "INSERT INTO messages (spool_id, source, size, state, received_at,"
+                    " updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (spool_id) DO NOTHING",
+                    (spool_id, source, size, MessageState.RECEIVED, now, now),
+                )
+            row = conn.execute(
+                "UPDATE messages SET attempts = attempts + 1, updated_at = ?"
+                " WHERE spool_id = ? RETURNING attempts",
+                (now, spool_id),
+            ).fetchone()
+        if row is None:
+            raise StateError(f"message {spool_id} was never recorded")
+        attempts: int = row[0]
+        return attempts
+
+    def claim_request(
+        self,
+        *,
+        signer: str,
+        request_id: str,
+        signature_id: str | None,
+        issued_at: datetime,
+        request_sha256: str,
+        spool_id: str,
+    ) -> bool:
+        """Claim a request before running it (P5). False means a replay: do not run.
+
+        A replay is a (signer, request_id) pair or a signature id seen before, whatever
+        became of it. On True the claim is committed and fsynced, and the message (if
+        recorded and still ``received``) is ``executing`` in the same transaction, so a
+        crash from here on is reported "outcome unknown" and the request never re-runs.
+        """
+        now = _ts(self._clock())
+        with self._write() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO requests (signer, request_id, signature_id, issued_at,"
+                    " request_sha256, spool_id, claimed_at, claimed_by)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        signer,
+                        request_id,
+                        signature_id,
+                        _ts(issued_at),
+                        request_sha256,
+                        spool_id,
+                        now,
+                        self._owner,
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                if exc.sqlite_errorname not in (
+                    "SQLITE_CONSTRAINT_PRIMARYKEY",
+                    "SQLITE_CONSTRAINT_UNIQUE",
+                ):
+                    raise
+                log.info("replay refused: signer %s request %s", signer, request_id)
+                return False
+            conn.execute(
+                "UPDATE messages SET state = ?, signer = ?, request_id = ?, updated_at = ?"
+                " WHERE spool_id = ? AND state = ?",
+                (MessageState.EXECUTING, signer, request_id, now, spool_id, MessageState.RECEIVED),
+            )
+        return True
+
+    def finish_request(self, signer: str, request_id: str, status: str) -> None:
+        """Mark a claimed request finished with ``status`` (e.g. ``exit 0``, ``timeout``)."""
+        with self._write() as conn:
+            row = conn.execute(
+                "UPDATE requests SET finished_at = ?, status = ?"
+                " WHERE signer = ? AND request_id = ? AND finished_at IS NULL RETURNING 1",
+                (_ts(self._clock()), status, signer, request_id),
+            ).fetchone()
+        if row is None:
+            raise StateError(f"request {request_id} of {signer} is not claimed or already finished")
+
+    def unfinished_requests(self) -> list[ClaimedRequest]:
+        """Claimed requests never finished, oldest first.
+
+        After a crash these are reported "outcome unknown", never re-run. With several
+        serve processes on one file a live process's running requests are listed too:
+        filter on ``claimed_by`` (``host:pid``) and only recover those of dead processes.
+        """
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT signer, request_id, signature_id, issued_at, request_sha256, spool_id,"
+                " claimed_at, claimed_by FROM requests WHERE finished_at IS NULL"
+                " ORDER BY claimed_at, signer, request_id"
+            ).fetchall()
+        return [
+            ClaimedRequest(r[0], r[1], r[2], _dt(r[3]), r[4], r[5], _dt(r[6]), r[7]) for r in rows
+        ]
+
+    def audit(self, event: str, **fields: str | int | None) -> None:
+        """Append one event to the audit log (never message bodies or secrets)."""
+        for key, value in fields.items():
+            if value is not None and not isinstance(value, str | int):
+                raise TypeError(f"audit field {key} must be str, int or None")
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO audit (at, event, fields) VALUES (?, ?, ?)",
+                (_ts(self._clock()), event, json.dumps(fields, sort_keys=True)),
+            )
+
+    def recent_audit(self, limit: int = 50) -> list[AuditEntry]:
+        """The newest ``limit`` audit entries, newest first."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT id, at, event, fields FROM audit ORDER BY id DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [AuditEntry(r[0], _dt(r[1]), r[2], json.loads(r[3])) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Messages per state (every state, zeros included), plus ``outbound_pending``,
+        ``outbound_failing`` (pending after at least one failure), ``outbound_abandoned``
+        (given up) and ``requests_unfinished``."""
+        result = {state.value: 0 for state in MessageState}
+        with self._read() as conn:
+            for state, count in conn.execute("SELECT state, count(*) FROM messages GROUP BY state"):
+                result[state] = count
+            pending, failing, abandoned = conn.execute(
+                "SELECT count(*) FILTER (WHERE abandoned_at IS NULL),"
+                " count(*) FILTER (WHERE abandoned_at IS NULL AND attempts > 0),"
+                " count(*) FILTER (WHERE abandoned_at IS NOT NULL)"
+                " FROM outbound WHERE sent_at IS NULL"
+            ).fetchone()
+            (unfinished,) = conn.execute(
+                "SELECT count(*) FROM requests WHERE finished_at IS NULL"
+            ).fetchone()
+        result.update(
+            outbound_pending=pending,
+            outbound_failing=failing,
+            outbound_abandoned=abandoned,
+            requests_unfinished=unfinished,
+        )
+        return result
+
+    def last_errors(self, limit: int = 5) -> list[StatusError]:
+        """Newest problems first: failed sends, rejected and quarantined messages."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT last_error_at, 'outbound', 'outbound ' || id, last_error FROM outbound"
+                " WHERE last_error IS NOT NULL"
+                " UNION ALL SELECT updated_at, state, spool_id, coalesce(reason, state)"
+                " FROM messages WHERE state IN (?, ?)"
+                " ORDER BY 1 DESC LIMIT ?",
+                (MessageState.REJECTED, MessageState.QUARANTINED, limit),
+            ).fetchall()
+        return [StatusError(_dt(r[0]), r[1], r[2], r[3]) for r in rows]
+
+    def status_report(self, errors: int = 5) -> dict[str, int | list[str]]:
+        """:meth:`counts` plus ``last_errors`` as one-line strings, for ``mailsh status``."""
+        report: dict[str, int | list[str]] = dict(self.counts())
+        report["last_errors"] = [
+            f"{e.at.isoformat(timespec='seconds')} {e.kind} {e.ref}: {e.error}"
+            for e in self.last_errors(errors)
+        ]
+        return report

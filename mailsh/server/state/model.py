@@ -1,0 +1,145 @@
+"""State records, states and time helpers of the server database (no SQL here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+
+from mailsh.errors import StateError
+
+STATE_FILE = "state.db"
+#: Seconds a writer waits for another process's transaction before giving up.
+BUSY_TIMEOUT = 30.0
+#: Retry delays for outbound mail: BACKOFF_BASE * 2**(attempts-1), at most BACKOFF_CAP.
+BACKOFF_BASE = timedelta(minutes=1)
+BACKOFF_CAP = timedelta(hours=1)
+_MAX_ERROR_CHARS = 2000
+_TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+class MessageState(StrEnum):
+    """Where a spooled message is. Every state but the first two is final (P9)."""
+
+    RECEIVED = "received"
+    EXECUTING = "executing"
+    REPLIED = "replied"  # executed and reported
+    REJECTED = "rejected"  # rejected and reported to the signer
+    OUTCOME_UNKNOWN = "outcome_unknown"  # interrupted by a crash, reported, never re-run
+    DISCARDED = "discarded"  # unauthenticated: discarded and logged, no reply (P7)
+    QUARANTINED = "quarantined"  # unparseable or crashed the processor repeatedly (P11)
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset(
+    {
+        MessageState.REPLIED,
+        MessageState.REJECTED,
+        MessageState.OUTCOME_UNKNOWN,
+        MessageState.DISCARDED,
+        MessageState.QUARANTINED,
+    }
+)
+#: Final states that come with a reply to the signer (see :meth:`StateDB.finish_with_reply`).
+REPORTED_STATES = frozenset(
+    {MessageState.REPLIED, MessageState.REJECTED, MessageState.OUTCOME_UNKNOWN}
+)
+
+
+def next_backoff(attempts: int) -> timedelta:
+    """Delay before retrying a reply that failed ``attempts`` times: 1, 2, 4 ... 60 min."""
+    exponent = min(max(attempts, 1) - 1, 16)  # 2**16 minutes is far past the cap
+    delay: timedelta = BACKOFF_BASE * (1 << exponent)
+    return min(delay, BACKOFF_CAP)
+
+
+@dataclass(frozen=True)
+class MessageRecord:
+    spool_id: str
+    source: str
+    size: int
+    sha256: str | None  # None until record_message (begin_processing may come first)
+    state: MessageState
+    reason: str | None
+    signer: str | None
+    request_id: str | None
+    attempts: int
+    received_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class ClaimedRequest:
+    """A replay-record row. ``claimed_by`` is ``host:pid`` of the claiming process."""
+
+    signer: str
+    request_id: str
+    signature_id: str | None
+    issued_at: datetime
+    request_sha256: str
+    spool_id: str
+    claimed_at: datetime
+    claimed_by: str
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """A queued reply (``message`` is the complete, already signed and encrypted mail)."""
+
+    id: int
+    to_addr: str
+    from_addr: str
+    message: bytes
+    spool_id: str
+    request_id: str | None
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    at: datetime
+    event: str
+    fields: dict[str, str | int | None]
+
+
+@dataclass(frozen=True)
+class StatusError:
+    """A recent problem for ``mailsh status``: ``kind`` is outbound/rejected/quarantined."""
+
+    at: datetime
+    kind: str
+    ref: str
+    error: str
+
+
+# Version N-1 -> N. Statements run one by one inside the migration transaction
+# (executescript would commit first). Never edit a released entry; append a new one.
+
+
+def _ts(when: datetime) -> str:
+    if when.tzinfo is None:
+        raise ValueError(f"naive datetime {when!r}: state timestamps must be timezone-aware")
+    return when.astimezone(UTC).strftime(_TS_FORMAT)
+
+
+def _dt(text: str) -> datetime:
+    return datetime.strptime(text, _TS_FORMAT).replace(tzinfo=UTC)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _check_transition(spool_id: str, current: MessageState, new: MessageState) -> None:
+    """received -> executing -> final, or received -> final; nothing leaves a final state."""
+    if current in FINAL_STATES:
+        raise StateError(f"message {spool_id} is already {current}; it cannot become {new}")
+    if new == MessageState.RECEIVED and current != MessageState.RECEIVED:
+        raise StateError(f"message {spool_id} is {current}; it cannot go back to received")

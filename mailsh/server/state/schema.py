@@ -1,0 +1,65 @@
+"""The database schema, as migrations: ``MIGRATIONS[n]`` brings version n-1 to n."""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE messages (
+            spool_id TEXT PRIMARY KEY,
+            source TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            sha256 TEXT,
+            state TEXT NOT NULL,
+            reason TEXT,
+            signer TEXT,
+            request_id TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            received_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        ) STRICT""",
+        "CREATE INDEX messages_by_state ON messages (state, updated_at)",
+        """CREATE TABLE requests (
+            signer TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            signature_id TEXT UNIQUE,
+            issued_at TEXT NOT NULL,
+            request_sha256 TEXT NOT NULL,
+            spool_id TEXT NOT NULL,
+            claimed_at TEXT NOT NULL,
+            claimed_by TEXT NOT NULL,
+            finished_at TEXT,
+            status TEXT,
+            PRIMARY KEY (signer, request_id)
+        ) STRICT""",
+        "CREATE INDEX requests_unfinished ON requests (claimed_at) WHERE finished_at IS NULL",
+        """CREATE TABLE outbound (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            to_addr TEXT NOT NULL,
+            from_addr TEXT NOT NULL,
+            message BLOB NOT NULL,
+            spool_id TEXT NOT NULL,
+            request_id TEXT,
+            created_at TEXT NOT NULL,
+            next_attempt_at TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            last_error_at TEXT,
+            sent_at TEXT,
+            abandoned_at TEXT
+        ) STRICT""",
+        "CREATE INDEX outbound_due ON outbound (next_attempt_at, id)"
+        " WHERE sent_at IS NULL AND abandoned_at IS NULL",
+        """CREATE TABLE audit (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at TEXT NOT NULL,
+            event TEXT NOT NULL,
+            fields TEXT NOT NULL
+        ) STRICT""",
+        """CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+           BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END""",
+        """CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+           BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END""",
+    ),
+}
