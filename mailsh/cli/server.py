@@ -30,11 +30,13 @@ def _setup_logging(fmt: str) -> None:
 def serve(
     mbox: Annotated[
         Optional[list[Path]],  # noqa: UP045
-        typer.Option("--mbox", help="An mbox to take mail from (e.g. /var/mail/root). Repeatable."),
+        typer.Option(
+            "--mbox", metavar="PATH", help="An mbox to take mail from (e.g. /var/mail/root)."
+        ),
     ] = None,
     maildir: Annotated[
         Optional[list[Path]],  # noqa: UP045
-        typer.Option("--maildir", help="A Maildir to take mail from. Repeatable."),
+        typer.Option("--maildir", metavar="DIR", help="A Maildir to take mail from. Repeatable."),
     ] = None,
     spool_only: Annotated[
         bool,
@@ -48,6 +50,7 @@ def serve(
         Optional[str],  # noqa: UP045
         typer.Option(
             "--smtp-listen",
+            metavar="HOST:PORT",
             envvar="MAILSH_SMTP_LISTEN",
             help="Also accept mail over SMTP on HOST:PORT (embedded listener).",
         ),
@@ -56,6 +59,7 @@ def serve(
         Optional[list[str]],  # noqa: UP045
         typer.Option(
             "--address",
+            metavar="ADDR",
             envvar="MAILSH_ADDRESS",
             help="An address this server answers to [the server key's email]. Repeatable.",
         ),
@@ -64,6 +68,7 @@ def serve(
         Optional[str],  # noqa: UP045
         typer.Option(
             "--smtp",
+            metavar="URL",
             envvar="MAILSH_SMTP",
             help="Send replies via smtp://[user@]host[:port] or smtps://... "
             "(password in MAILSH_SMTP_PASSWORD).",
@@ -72,7 +77,10 @@ def serve(
     sendmail: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(
-            "--sendmail", envvar="MAILSH_SENDMAIL", help="Send replies via this sendmail."
+            "--sendmail",
+            metavar="PATH",
+            envvar="MAILSH_SENDMAIL",
+            help="Send replies via this sendmail.",
         ),
     ] = None,
     smtp_ca_file: Annotated[
