@@ -217,8 +217,12 @@ def status(
 
     settings = settings_from()
     if not settings.state_db.exists():
-        say(f"no server state in {settings.home} yet; start one with: mailsh serve --mbox ...")
-        raise typer.Exit(1)
+        from mailsh.errors import StateError
+
+        raise StateError(
+            f"no server state in {settings.home} yet",
+            hint="start the server first: mailsh serve --mbox /var/mail/root ...",
+        )
     report = StateDB(settings.state_db).status_report()
     pending = len(list((settings.spool_dir / "new").glob("*")))
     report["spool_pending"] = pending

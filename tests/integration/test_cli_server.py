@@ -76,7 +76,7 @@ def test_serve_without_outbound_says_how_to_configure_it(srv: Home, tmp_path: Pa
 def test_status_before_any_serve(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--home", str(tmp_path / "h"), "status"])
-    assert exc.value.code == 1
+    assert exc.value.code == ExitCode.FAILURE  # documented codes only: 255, with a hint
 
 
 def test_mbox_serve_once_subprocess(alice: Home, srv: Home, sink: Sink, tmp_path: Path) -> None:
