@@ -89,6 +89,40 @@ def _print_version(value: bool) -> None:
         raise typer.Exit(0)
 
 
+# Options for the way mail leaves this machine: the same settings for `send` and `serve`.
+SmtpOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--smtp",
+        metavar="URL",
+        envvar="MAILSH_SMTP",
+        help="Send via smtp://[user@]host[:port] (STARTTLS when offered) or "
+        "smtps://[user@]host[:port]; password from MAILSH_SMTP_PASSWORD.",
+        show_default=False,
+    ),
+]
+SendmailOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(
+        "--sendmail",
+        metavar="PATH",
+        envvar="MAILSH_SENDMAIL",
+        help="Hand the mail to this local sendmail program instead (e.g. /usr/sbin/sendmail).",
+        show_default=False,
+    ),
+]
+SmtpCaOpt = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option(
+        "--ca-file",
+        metavar="FILE",
+        envvar="MAILSH_SMTP_CA_FILE",
+        help="PEM file of the CA(s) to trust for the SMTP server (private CAs).",
+        show_default=False,
+    ),
+]
+
+
 @app.callback()
 def _main(
     home: HomeOpt = None,

@@ -18,7 +18,17 @@ from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import typer
 
-from mailsh.cli import EXIT_CODES_HELP, app, err_console, gpg_for, say, settings_from
+from mailsh.cli import (
+    EXIT_CODES_HELP,
+    SendmailOpt,
+    SmtpCaOpt,
+    SmtpOpt,
+    app,
+    err_console,
+    gpg_for,
+    say,
+    settings_from,
+)
 
 if TYPE_CHECKING:
     from mailsh.client.pending import PendingRequest
@@ -118,27 +128,8 @@ def send(
             show_default=False,
         ),
     ] = None,
-    smtp: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option(
-            "--smtp",
-            metavar="URL",
-            envvar="MAILSH_SMTP",
-            help="Submit via smtp://[user@]host[:port] (STARTTLS when offered) or "
-            "smtps://[user@]host[:port]; password from MAILSH_SMTP_PASSWORD.",
-            show_default=False,
-        ),
-    ] = None,
-    sendmail: Annotated[
-        Optional[Path],  # noqa: UP045
-        typer.Option(
-            "--sendmail",
-            metavar="PATH",
-            envvar="MAILSH_SENDMAIL",
-            help="Hand the mail to this local sendmail program instead (e.g. /usr/sbin/sendmail).",
-            show_default=False,
-        ),
-    ] = None,
+    smtp: SmtpOpt = None,
+    sendmail: SendmailOpt = None,
     stdin: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(
@@ -175,16 +166,7 @@ def send(
             help="Refuse to send over smtp:// when the server offers no STARTTLS.",
         ),
     ] = False,
-    ca_file: Annotated[
-        Optional[Path],  # noqa: UP045
-        typer.Option(
-            "--ca-file",
-            metavar="FILE",
-            envvar="MAILSH_SMTP_CA_FILE",
-            help="PEM file of the CA(s) to trust for the SMTP server (private CAs).",
-            show_default=False,
-        ),
-    ] = None,
+    ca_file: SmtpCaOpt = None,
     wait: Annotated[
         bool,
         typer.Option("--wait", help="Then wait for the reply, like wait-reply (ssh-like)."),

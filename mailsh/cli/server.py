@@ -8,7 +8,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from mailsh.cli import GlobalOpts, app, say, settings_from, usage_error
+from mailsh.cli import (
+    GlobalOpts,
+    SendmailOpt,
+    SmtpCaOpt,
+    SmtpOpt,
+    app,
+    say,
+    settings_from,
+    usage_error,
+)
 
 
 def _listen(value: str | None) -> tuple[str, int] | None:
@@ -64,29 +73,9 @@ def serve(
             help="An address this server answers to [the server key's email]. Repeatable.",
         ),
     ] = None,
-    smtp: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option(
-            "--smtp",
-            metavar="URL",
-            envvar="MAILSH_SMTP",
-            help="Send replies via smtp://[user@]host[:port] or smtps://... "
-            "(password in MAILSH_SMTP_PASSWORD).",
-        ),
-    ] = None,
-    sendmail: Annotated[
-        Optional[Path],  # noqa: UP045
-        typer.Option(
-            "--sendmail",
-            metavar="PATH",
-            envvar="MAILSH_SENDMAIL",
-            help="Send replies via this sendmail.",
-        ),
-    ] = None,
-    smtp_ca_file: Annotated[
-        Optional[Path],  # noqa: UP045
-        typer.Option("--ca-file", envvar="MAILSH_SMTP_CA_FILE", help="CA file for --smtp TLS."),
-    ] = None,
+    smtp: SmtpOpt = None,
+    sendmail: SendmailOpt = None,
+    smtp_ca_file: SmtpCaOpt = None,
     once: Annotated[
         bool, typer.Option("--once", help="Process everything pending, then exit 0.")
     ] = False,
