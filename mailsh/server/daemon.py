@@ -188,11 +188,15 @@ class Server:
             with Watcher(watch_paths, poll_interval=self.options.poll_interval) as watcher:
                 while not self._stop.is_set():
                     self.collect()
-                    self.dispatch()
+                    started = self.dispatch()
                     if self.options.once:
                         self.drain()
                         self.collect()
-                        if not self.spool.pending():
+                        left = self.spool.pending()
+                        if not left:
+                            break
+                        if not started:  # the rest is locked by another serve process
+                            log.info("leaving %d message(s) to another serve process", len(left))
                             break
                         continue
                     watcher.wait(timeout=1.0)
@@ -208,12 +212,25 @@ class Server:
             except Exception as exc:  # a locked or missing mailbox must not stop serving
                 log.warning("intake %s: %s", getattr(intake, "path", intake), exc)
 
-    def dispatch(self) -> None:
+    def dispatch(self) -> int:
+        """Lock and start as many pending messages as there are idle workers; returns
+        how many were started.
+
+        A message is locked only when a worker is free to take it at once: a lock held
+        while queued behind a long command would keep another serve process sharing the
+        home (and idle) from taking it.
+        """
         self.reap()
+        free = self.settings.workers - len(self._inflight)
+        started = 0
         for msg in self.spool.pending():
+            if started >= free:
+                break
             if msg.id in self._inflight or not self._lock(msg):
                 continue
             self._inflight[msg.id] = self._pool.submit(self._process, msg)
+            started += 1
+        return started
 
     def _process(self, msg: SpooledMessage) -> MessageState:
         try:

@@ -403,15 +403,16 @@ class StateDB(_OutboundQueue):
         return result
 
     def last_errors(self, limit: int = 5) -> list[StatusError]:
-        """Newest problems first: failed sends, rejected and quarantined messages."""
+        """Newest problems first: failed sends, rejected, unreported and quarantined
+        messages."""
         with self._read() as conn:
             rows = conn.execute(
                 "SELECT last_error_at, 'outbound', 'outbound ' || id, last_error FROM outbound"
                 " WHERE last_error IS NOT NULL"
                 " UNION ALL SELECT updated_at, state, spool_id, coalesce(reason, state)"
-                " FROM messages WHERE state IN (?, ?)"
+                " FROM messages WHERE state IN (?, ?, ?)"
                 " ORDER BY 1 DESC LIMIT ?",
-                (MessageState.REJECTED, MessageState.QUARANTINED, limit),
+                (MessageState.REJECTED, MessageState.UNREPORTED, MessageState.QUARANTINED, limit),
             ).fetchall()
         return [StatusError(_dt(r[0]), r[1], r[2], r[3]) for r in rows]
 
