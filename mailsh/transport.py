@@ -48,6 +48,7 @@ from pydantic import SecretStr
 
 from mailsh.addresses import validate_address
 from mailsh.errors import TransportError, UsageError
+from mailsh.text import printable_line
 
 SMTP_DEFAULT_PORT = 25
 SMTPS_DEFAULT_PORT = 465
@@ -424,11 +425,7 @@ def _text(text: bytes | str) -> str:
 
 def _one_line(text: str) -> str:
     """Untrusted text from a server or program, made one short printable line."""
-    text = "".join(ch if ch.isprintable() else " " for ch in text)
-    text = " ".join(text.split())
-    if len(text) > MAX_SERVER_TEXT:
-        text = text[: MAX_SERVER_TEXT - 3] + "..."
-    return text
+    return printable_line(text, MAX_SERVER_TEXT)
 
 
 def _check_envelope(mail_from: str, rcpt_to: Sequence[str]) -> tuple[str, list[str]]:

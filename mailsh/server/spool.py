@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailsh.errors import TransportError
+from mailsh.text import escape
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +223,10 @@ class Spool:
         """Move a refused message to ``quarantine/`` with a ``NAME.reason`` file beside it.
 
         The reason is written (and fsynced) first, so a quarantined message always has
-        one. ``reason`` is reduced to printable single-line text: it may quote input.
+        one. ``reason`` is escaped to one printable line (``mailsh.text.escape``): it may
+        quote input.
         """
-        clean = "".join(c if c.isprintable() else "?" for c in reason)[:_MAX_REASON_CHARS]
+        clean = escape(reason)[:_MAX_REASON_CHARS]
         reason_path = self.quarantine_dir / f"{msg.name}.reason"
         try:
             fd = os.open(reason_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
