@@ -19,9 +19,14 @@ from mailsh.text import escape
 
 
 def _field(value: object) -> object:
-    """A field value for JSON: strings escaped, numbers, booleans and None as they are."""
+    """A field value for JSON: strings escaped (also inside lists and dicts); numbers,
+    booleans and None as they are."""
     if value is None or isinstance(value, bool | int | float):
         return value
+    if isinstance(value, list | tuple):
+        return [_field(v) for v in value]
+    if isinstance(value, dict):
+        return {escape(k): _field(v) for k, v in value.items()}
     return escape(value)
 
 

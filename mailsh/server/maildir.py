@@ -39,6 +39,7 @@ from mailsh.server.spool import Spool, SpooledMessage
 log = logging.getLogger(__name__)
 
 _BLOCK = 1 << 20
+_NAME_MAX = 255  # bytes in one file name (Linux NAME_MAX)
 
 
 def _names(directory: Path | int, shown: Path | None = None) -> list[str]:
@@ -182,9 +183,13 @@ class MaildirIntake:
 
     def _open_message(self, new_fd: int, name: str, owners: set[int]) -> int | None:
         """A message file in ``new/``, or None if it is gone or must be left alone
-        (a symlink, not a regular file, owned by another user: warned once each)."""
+        (a symlink, not a regular file, owned by another user, a name too long to move:
+        warned once each)."""
         shown = self.path / "new" / name
         try:
+            if len(f"{_key(name)}:2,S".encode(errors="surrogateescape")) > _NAME_MAX:
+                # It could never be moved to cur/: spooling it would repeat forever.
+                raise MailboxRefusedError(f"{shown}: name too long to move to cur/")
             fd = open_below(new_fd, name, shown, flags=os.O_RDONLY, want=stat.S_IFREG)
             if fd is not None:
                 try:

@@ -77,7 +77,10 @@ def test_text_log_traceback_lines_are_indented_and_escaped() -> None:
 @pytest.mark.parametrize("value", [HOSTILE, b"\x1b]0;title\x07"])
 def test_json_log_fields_are_escaped_and_types_kept(value: object) -> None:
     raw = _JsonFormatter().format(
-        _record("executed " + HOSTILE, {"event": "executed", "message": value, "exit": 0})
+        _record(
+            "executed " + HOSTILE,
+            {"event": "executed", "message": value, "exit": 0, "to": [HOSTILE]},
+        )
     )
     assert "\n" not in raw
     doc = json.loads(raw)
@@ -85,3 +88,4 @@ def test_json_log_fields_are_escaped_and_types_kept(value: object) -> None:
         assert text.isprintable()
     assert "\x1b" not in json.dumps(doc, ensure_ascii=False)
     assert doc["exit"] == 0
+    assert doc["to"] == [escape(HOSTILE)]

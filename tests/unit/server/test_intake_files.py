@@ -193,6 +193,19 @@ def test_fifo_in_new_is_skipped_without_hanging(maildir: Path, spool: Spool) -> 
     assert sorted(os.listdir(maildir / "new")) == ["0.fifo"]
 
 
+def test_name_too_long_to_move_to_cur_is_left_alone_not_spooled_again_and_again(
+    maildir: Path, spool: Spool
+) -> None:
+    long_name = "1." + "x" * 251  # 253 bytes: fits in new/, but not with ":2,S" in cur/
+    (maildir / "new" / long_name).write_bytes(b"mail")
+    (maildir / "new" / "2.host").write_bytes(b"other")
+    intake = MaildirIntake(maildir, spool)
+    for _ in range(2):
+        intake.collect()
+    assert [spool.read(m, 100) for m in spool.pending()] == [b"other"]
+    assert os.listdir(maildir / "new") == [long_name]
+
+
 @needs_root
 def test_file_in_new_owned_by_another_user_is_left_alone(
     maildir: Path, spool: Spool, tmp_path: Path
