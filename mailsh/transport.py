@@ -25,7 +25,7 @@ decides what "temporary" means):
 - any other :class:`~mailsh.errors.TransportError`: retry too, but only a few times
   and far apart. "Permanent" here includes failures an operator fixes without touching
   the message (wrong SMTP password, missing CA file, a relay refusing the sender), and a
-  reply is the only report the requester gets (THREATS.md P9). A message refused for
+  reply is the only report the requester gets (docs/security.md P9). A message refused for
   itself (552 too large) will keep failing; the queue should log that and give up.
 """
 

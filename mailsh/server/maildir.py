@@ -1,6 +1,6 @@
 """Reading a Maildir: server intake (moves mail) and a read-only client scanner.
 
-Server intake, ``MaildirIntake.collect`` (THREATS.md P9): for each file in ``new/``
+Server intake, ``MaildirIntake.collect`` (docs/security.md P9): for each file in ``new/``
 (dotfiles and ``tmp/`` ignored), copy it into the spool with ``Spool.put_stream``, which
 is durable when it returns, and only then rename it to ``cur/NAME:2,S``. A crash between
 the two leaves it in ``new/`` and it is spooled again: duplicated, never lost (the

@@ -6,7 +6,7 @@ quoted as ``>From `` (not reversible, so we never unquote), and a blank line end
 message. A message's bytes here are what lies between its separator line and the next
 separator, without the separator line and without that trailing blank line.
 
-Server intake, ``MboxIntake.collect`` (THREATS.md "Mailbox safety", P9):
+Server intake, ``MboxIntake.collect`` (docs/security.md P9, P13):
 
 1. Take the dotlock ``PATH.lock`` (O_CREAT|O_EXCL, retried; stale after 500 s like
    Postfix, or at once if it names a dead mailsh process on this host). If the directory

@@ -1,6 +1,6 @@
 """Deciding what happens to one spooled message: the server's per-message pipeline.
 
-Every message ends in exactly one recorded state (THREATS.md P9):
+Every message ends in exactly one recorded state (docs/security.md P9):
 
 - unauthenticated (bad/unknown signature, not a mailsh mail, auto-reply, bounce):
   ``discarded`` and logged, never answered (P7: no backscatter, no oracle);

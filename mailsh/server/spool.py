@@ -15,7 +15,7 @@ A file name is ``ID.SOURCE`` where ``ID`` is ``TIME_NS(20 digits).PID.RANDOM(16 
 sortable by arrival, unique across processes, and the name carries which intake
 (``SOURCE``) delivered it, so no sidecar has to be kept consistent with it.
 
-Crash safety (THREATS.md P9: duplicate at worst, never lose):
+Crash safety (docs/security.md P9: duplicate at worst, never lose):
 
 * ``put`` writes ``tmp/NAME``, fsyncs the file, renames it to ``new/NAME`` and fsyncs
   ``new/``. Only then does it return, and only then may a caller answer SMTP 250 or
