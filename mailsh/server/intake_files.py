@@ -87,7 +87,7 @@ def open_below(dir_fd: int, name: str, shown: Path, *, flags: int, want: int) ->
     except FileNotFoundError:
         return None
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO):
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.ENXIO):
             try:
                 mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
             except OSError:
@@ -164,7 +164,8 @@ class RefusalRecord:
     def refuse(self, exc: MailboxRefusedError) -> None:
         """Log (once per reason) and record that the mailbox is refused."""
         if exc.message != self._reason:
-            log.error("refusing mailbox %s: %s (next: %s)", self.mailbox, exc.message, exc.hint)
+            hint = f" (next: {exc.hint})" if exc.hint else ""
+            log.error("refusing mailbox %s: %s%s", self.mailbox, exc.message, hint)
             self._reason = exc.message
         self._clean = False
         doc = _load(self.path)

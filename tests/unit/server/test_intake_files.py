@@ -91,6 +91,23 @@ def test_mbox_that_is_a_symlink_is_refused_and_its_target_untouched(
     assert any(r.levelno == logging.ERROR and str(mbox) in r.getMessage() for r in caplog.records)
 
 
+def test_refusal_is_logged_once_and_a_later_process_clears_it(
+    tmp_path: Path, spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "mail").mkdir()
+    mbox = tmp_path / "mail" / "root"
+    mbox.symlink_to(tmp_path / "elsewhere")
+    intake = fast_mbox(mbox, spool)
+    with caplog.at_level(logging.ERROR):
+        for _ in range(3):
+            intake.collect()
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
+    mbox.unlink()
+    mbox.write_bytes(MBOX)
+    assert len(fast_mbox(mbox, spool).collect()) == 1  # as after a restart
+    assert refused(spool) == {}
+
+
 def test_mbox_that_is_a_fifo_is_refused_without_hanging(tmp_path: Path, spool: Spool) -> None:
     (tmp_path / "mail").mkdir()
     mbox = tmp_path / "mail" / "root"
