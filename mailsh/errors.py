@@ -58,7 +58,7 @@ class ConfigError(MailshError):
 
 
 class DependencyError(MailshError):
-    """A required system program is missing or too old (THREATS.md P12)."""
+    """A required system program is missing or too old (docs/security.md P12)."""
 
 
 class GpgError(MailshError):

@@ -2,7 +2,7 @@
 
 Outgoing headers come from fixed templates filled with validated values only: nothing
 of an incoming mail is copied into a reply except a Message-ID that passed a strict
-syntax check (THREATS.md: CVE-2024-6923 header injection). Incoming mails are size-
+syntax check (docs/security.md P8: CVE-2024-6923 header injection). Incoming mails are size-
 checked before parsing, parsed headers-first, and must be a single text/plain part
 (P4: no extra parts, no MIME wrapping of a captured request).
 """

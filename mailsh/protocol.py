@@ -107,7 +107,7 @@ class _Strict(BaseModel):
 
 
 class Audience(_Strict):
-    """Which server a request is for: bound inside the signature (THREATS.md P6)."""
+    """Which server a request is for: bound inside the signature (docs/security.md P6)."""
 
     address: Address
     fingerprint: Fingerprint | None = None

@@ -25,7 +25,7 @@ decides what "temporary" means):
 - any other :class:`~mailsh.errors.TransportError`: retry too, but only a few times
   and far apart. "Permanent" here includes failures an operator fixes without touching
   the message (wrong SMTP password, missing CA file, a relay refusing the sender), and a
-  reply is the only report the requester gets (THREATS.md P9). A message refused for
+  reply is the only report the requester gets (docs/security.md P9). A message refused for
   itself (552 too large) will keep failing; the queue should log that and give up.
 """
 
@@ -48,6 +48,7 @@ from pydantic import SecretStr
 
 from mailsh.addresses import validate_address
 from mailsh.errors import TransportError, UsageError
+from mailsh.text import printable_line
 
 SMTP_DEFAULT_PORT = 25
 SMTPS_DEFAULT_PORT = 465
@@ -458,11 +459,7 @@ def _text(text: bytes | str) -> str:
 
 def _one_line(text: str) -> str:
     """Untrusted text from a server or program, made one short printable line."""
-    text = "".join(ch if ch.isprintable() else " " for ch in text)
-    text = " ".join(text.split())
-    if len(text) > MAX_SERVER_TEXT:
-        text = text[: MAX_SERVER_TEXT - 3] + "..."
-    return text
+    return printable_line(text, MAX_SERVER_TEXT)
 
 
 def _check_envelope(mail_from: str, rcpt_to: Sequence[str]) -> tuple[str, list[str]]:

@@ -215,6 +215,9 @@ def status(
     report = StateDB(settings.state_db).status_report()
     pending = len(list((settings.spool_dir / "new").glob("*")))
     report["spool_pending"] = pending
+    from mailsh.server.intake_files import read_refusals
+
+    report["refused_mailboxes"] = [r.line() for r in read_refusals(settings.spool_dir)]
     if json_out:
         typer.echo(json.dumps(report, indent=2, default=str))
         return

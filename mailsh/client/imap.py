@@ -25,6 +25,7 @@ from typing import BinaryIO, cast
 
 from mailsh.client.imap_url import ImapTarget, TlsMode, parse_imap_url
 from mailsh.errors import TransportError
+from mailsh.text import printable_line
 
 #: Re-issue IDLE before servers drop it (RFC 2177: at least every 29 minutes).
 IDLE_RENEW_SECONDS = 25 * 60
@@ -154,7 +155,7 @@ class ImapWatcher:
             raise self._tls_error(where, exc) from exc
         except (OSError, imaplib.IMAP4.error) as exc:
             raise TransportError(
-                f"cannot connect to IMAP server {where}: {exc}",
+                f"cannot connect to IMAP server {where}: {_text(exc)}",
                 hint=f"check host and port in {target} and that the server is running",
             ) from exc
         try:
@@ -257,7 +258,7 @@ class ImapWatcher:
         if attempt > self.max_reconnects:
             raise TransportError(
                 f"lost the IMAP connection to {self.target.host}:{self.target.port} "
-                f"and {self.max_reconnects} reconnects failed: {cause}",
+                f"and {self.max_reconnects} reconnects failed: {_text(cause)}",
                 hint="check the network and the server, then run the command again",
             ) from cause
         self.close()
@@ -400,7 +401,7 @@ class ImapWatcher:
             line = _readline(imap)
             if line.startswith(tag + b" "):
                 if not line[len(tag) + 1 :].upper().startswith(b"OK"):
-                    raise _DroppedError(f"IDLE ended with {line!r}")
+                    raise _DroppedError(f"IDLE ended with {_text(line)}")
                 return woken
             woken = woken or _announces_new_mail(line)
 
@@ -417,7 +418,7 @@ def _readline(imap: imaplib.IMAP4) -> bytes:
     if not line:
         raise _DroppedError("server closed the connection")
     if line.startswith(b"* BYE"):
-        raise _DroppedError(f"server said {line.decode('ascii', 'replace').strip()}")
+        raise _DroppedError(f"server said {_text(line)}")
     return line
 
 
@@ -471,13 +472,14 @@ def _quote_mailbox(name: str) -> str:
 
 
 def _text(value: object) -> str:
+    """Server-written text (an answer, an error) as one printable line for a person."""
     if isinstance(value, BaseException) and len(value.args) == 1:
         value = value.args[0]  # imaplib puts the server's bytes in args: not "b'...'"
     if isinstance(value, list):
         value = b" ".join(v for v in value if isinstance(v, bytes))
     if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)
+        value = value.decode("utf-8", "replace")
+    return printable_line(str(value))
 
 
 def _shutdown(imap: imaplib.IMAP4) -> None:

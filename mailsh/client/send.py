@@ -3,7 +3,7 @@
 The request is sealed only through :func:`mailsh.envelope.seal_request`. The server it
 is for is found in this home's trust store by its address
 (:meth:`~mailsh.keys.trust.TrustStore.for_address`): that key's fingerprint is bound
-into the signed request (``audience.fingerprint``, THREATS.md P6) and the request is
+into the signed request (``audience.fingerprint``, docs/security.md P6) and the request is
 encrypted to it. Without a trusted server key a request can only go out unencrypted
 (``encrypt=False``) and unbound to a key, and no reply to it can be verified until the
 server key is trusted.

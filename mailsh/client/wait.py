@@ -560,7 +560,9 @@ def exit_status(reply: Reply) -> int:
 
 def _printable(text: str) -> str:
     """Server-written text made one printable line (no escape sequences reach a tty)."""
-    return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())[:500]
+    from mailsh.text import printable_line
+
+    return printable_line(text)
 
 
 def notes(reply: Reply) -> list[str]:

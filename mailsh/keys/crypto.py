@@ -1,6 +1,6 @@
 """Sign/encrypt outgoing payloads and verify incoming ones, strictly.
 
-:func:`verify` implements the accepting check of THREATS.md: gpg return code 0, a good
+:func:`verify` implements the accepting check of docs/security.md (P1-P4): gpg return code 0, a good
 and valid signature, no problems, no key status, exactly one signature and exactly one
 literal packet, an allowlist of status keywords (anything unexpected rejects), the
 **primary** fingerprint pinned in the trust store, the signature time inside the window,

@@ -2,7 +2,7 @@
 
 gpg runs with ``--no-options`` (a gpg.conf could turn on ``auto-key-import``), no key
 retrieval or import of any kind, no dirmngr, batch mode and ``--max-output`` so a
-compressed bomb cannot fill memory (THREATS.md, python-gnupg pitfalls). Failures of the
+compressed bomb cannot fill memory (docs/security.md P10). Failures of the
 ``gnupg`` library are wrapped into :class:`mailsh.errors.GpgError` here, at the boundary.
 """
 

@@ -1,4 +1,4 @@
-"""The outer shape of an OpenPGP message, checked before gpg sees it (THREATS.md P4).
+"""The outer shape of an OpenPGP message, checked before gpg sees it (docs/security.md P4).
 
 gpg 2.2 stops after a complete compressed signed message and silently ignores packets
 that follow it, so "signed message + unsigned literal" would verify. mailsh accepts only

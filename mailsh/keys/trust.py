@@ -2,7 +2,7 @@
 
 A versioned JSON file (``trust.json`` in the home) listing pinned **primary** key
 fingerprints with the address replies to that key go to. gpg's own trust levels, keyring
-contents and mail headers never authorize anything (THREATS.md P2). Written atomically
+contents and mail headers never authorize anything (docs/security.md P2). Written atomically
 (temp file, fsync, rename, fsync directory).
 """
 

@@ -38,7 +38,7 @@ from mailsh.server.processor import Processor, ServerIdentity
 from mailsh.server.spool import Spool, SpooledMessage
 from mailsh.server.state import MessageState, StateDB
 from mailsh.server.watch import Watcher
-from mailsh.settings import Settings
+from mailsh.settings import Settings, check_serve_home
 
 log = logging.getLogger("mailsh.server")
 
@@ -106,6 +106,7 @@ class Server:
         self, settings: Settings, options: ServeOptions, *, mailer: Mailer | None = None
     ) -> None:
         check_dependencies(smtp_listener=options.smtp_listen is not None)
+        check_serve_home(settings)  # P15: home, GnuPG home and trust store are ours alone
         self.settings = settings
         self.options = options
         self.gpg = Gpg(

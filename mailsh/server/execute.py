@@ -10,7 +10,7 @@ drained for at most ``kill_grace`` seconds and then closed. It is safe to call f
 several threads at once: there is no ``preexec_fn``; resource limits are set by util-linux
 ``prlimit`` exec'd in front of the shell (see :func:`_limited`).
 
-What this does NOT contain (THREATS.md "Execution"): session and process-group
+What this does NOT contain (docs/security.md P10, "Known limits"): session and process-group
 membership is voluntary. A plain double fork stays in the group and is killed, but a
 process that calls ``setsid()`` (``setsid cmd &``, or the classic daemonizing
 fork/setsid/fork, e.g. ``daemon``, ``nohup setsid``) leaves both, and neither ``killpg``

@@ -6,7 +6,7 @@ quoted as ``>From `` (not reversible, so we never unquote), and a blank line end
 message. A message's bytes here are what lies between its separator line and the next
 separator, without the separator line and without that trailing blank line.
 
-Server intake, ``MboxIntake.collect`` (THREATS.md "Mailbox safety", P9):
+Server intake, ``MboxIntake.collect`` (docs/security.md P9, P13):
 
 1. Take the dotlock ``PATH.lock`` (O_CREAT|O_EXCL, retried; stale after 500 s like
    Postfix, or at once if it names a dead mailsh process on this host). If the directory
@@ -24,6 +24,12 @@ writes can fall between the copy and the truncate. Locks are held only while cop
 Postfix defers a delivery after ~18 s of waiting and retries later, so a long hold
 delays mail but loses none. The mbox is emptied each time, so each collect costs what
 the new mail costs.
+
+Every name the intake opens in the mailbox's directory (the mbox, ``PATH.lock``) is
+opened relative to a descriptor of that directory, without following a symlink and
+without blocking; an mbox or dotlock that is a symlink, a FIFO or any other non-regular
+file, or an mbox with a second hard link, is refused and left untouched (P13, see
+``intake_files``).
 
 Client side, ``scan_mbox`` only ever opens the file read-only and takes a shared lock.
 """
@@ -43,6 +49,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailsh.errors import TransportError
+from mailsh.server.intake_files import (
+    MailboxRefusedError,
+    RefusalRecord,
+    kind,
+    open_below,
+    open_dir,
+)
 from mailsh.server.spool import Spool, SpooledMessage
 
 log = logging.getLogger(__name__)
@@ -164,18 +177,40 @@ def _names_dead_mailsh(content: bytes) -> bool:
     return False
 
 
-def _dotlock_state(lock: Path) -> str:
+def _check_mbox(st: os.stat_result, path: Path) -> None:
+    """Refuse an mbox that is not one regular file with one name (P13)."""
+    if not stat.S_ISREG(st.st_mode):
+        raise MailboxRefusedError(
+            f"{path} is {kind(st.st_mode)}, not a regular file; it is not touched",
+            hint=f"replace {path} by a regular file (nothing follows links there)",
+        )
+    if st.st_nlink != 1:
+        raise MailboxRefusedError(
+            f"{path} has {st.st_nlink} hard links; it is not touched",
+            hint=f"a mailbox must have one name: remove the other links to {path}",
+        )
+
+
+def _dotlock_state(dir_fd: int, name: str, shown: Path) -> str:
     """``gone``; ``stale`` if older than ``STALE_LOCK_SECONDS`` or naming a dead mailsh
     process on this host (so a crashed collect does not block mail for 500 s); else
-    ``held``."""
+    ``held``. Opened without following a link or blocking (a FIFO planted there must
+    not hang serve); anything but a regular file is refused (P13)."""
     try:
-        with open(lock, "rb") as fh:
-            age = time.time() - os.fstat(fh.fileno()).st_mtime
-            content = fh.read(256)
-    except FileNotFoundError:
+        fd = open_below(dir_fd, name, shown, flags=os.O_RDONLY, want=stat.S_IFREG)
+    except MailboxRefusedError:
+        raise
+    except TransportError:
+        return "held"
+    if fd is None:
         return "gone"
+    try:
+        age = time.time() - os.fstat(fd).st_mtime
+        content = os.read(fd, 256)
     except OSError:
         return "held"
+    finally:
+        os.close(fd)
     return "stale" if age > STALE_LOCK_SECONDS or _names_dead_mailsh(content) else "held"
 
 
@@ -199,49 +234,74 @@ class MboxIntake:
         self.lock_attempts = lock_attempts
         self.lock_interval = lock_interval
         self.max_message_bytes = max_message_bytes
+        self.refusals = RefusalRecord(spool.root, self.path)
 
     def collect(self) -> list[SpooledMessage]:
         """Spool every message in the mbox, then empty it. Returns what was spooled.
 
         Raises ``TransportError`` if a lock stays busy or the mbox cannot be read or
         emptied; the mbox is then left as it was (already spooled messages will be
-        spooled again next time).
+        spooled again next time). A mailbox refused for what it is (a symlink, a FIFO,
+        a second hard link; the same for ``PATH.lock``) is logged, recorded for
+        ``mailsh status`` and left untouched (``intake_files``); that returns ``[]``.
         """
+        dir_fd = open_dir(self.path.parent)
+        if dir_fd is None:
+            return []
         try:
-            if os.stat(self.path).st_size == 0:
-                # Nothing to do; and not opening it for writing means our own truncate
-                # does not wake a watcher in a loop (close_write).
-                return []
+            spooled = self._collect_in(dir_fd)
+        except MailboxRefusedError as exc:
+            self.refusals.refuse(exc)
+            return []
+        finally:
+            os.close(dir_fd)
+        self.refusals.accept()
+        return spooled
+
+    def _collect_in(self, dir_fd: int) -> list[SpooledMessage]:
+        try:
+            st = os.stat(self.path.name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             return []
         except OSError as exc:
             raise TransportError(f"cannot stat {self.path}: {exc.strerror}") from exc
-        have_dotlock = self._take_dotlock()
+        _check_mbox(st, self.path)
+        if st.st_size == 0:
+            # Nothing to do; and not opening it for writing means our own truncate
+            # does not wake a watcher in a loop (close_write).
+            return []
+        have_dotlock = self._take_dotlock(dir_fd)
         try:
-            return self._collect_locked()
+            return self._collect_locked(dir_fd)
         finally:
             if have_dotlock:
                 try:
-                    self.lock_path.unlink()
+                    os.unlink(self.lock_path.name, dir_fd=dir_fd)
                 except OSError as exc:
                     log.warning("cannot remove dotlock %s: %s", self.lock_path, exc.strerror)
 
-    def _take_dotlock(self) -> bool:
+    def _take_dotlock(self, dir_fd: int) -> bool:
         """Create ``PATH.lock``; False if the directory does not let us (warned)."""
         tag = f"mailsh {os.getpid()} {socket.gethostname()}\n".encode()
+        name = self.lock_path.name
         for attempt in range(max(1, self.lock_attempts)):
             try:
                 fd = os.open(
-                    self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+                    name,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                    dir_fd=dir_fd,
                 )
             except FileExistsError:
-                state = _dotlock_state(self.lock_path)
+                state = _dotlock_state(dir_fd, name, self.lock_path)
                 if state == "gone":  # released meanwhile: try again at once
                     continue
                 if state == "stale":
                     log.warning("removing stale dotlock %s", self.lock_path)
                     try:
-                        self.lock_path.unlink(missing_ok=True)
+                        os.unlink(name, dir_fd=dir_fd)
+                    except FileNotFoundError:
+                        continue
                     except OSError as exc:
                         log.warning("cannot remove stale dotlock: %s", exc.strerror)
                     else:
@@ -270,16 +330,13 @@ class MboxIntake:
             hint=f"another program holds {self.lock_path}; remove it if no program is running",
         )
 
-    def _collect_locked(self) -> list[SpooledMessage]:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
+    def _collect_locked(self, dir_fd: int) -> list[SpooledMessage]:
+        # O_NONBLOCK (inside open_below) only matters until fstat proves a regular file.
+        fd = open_below(dir_fd, self.path.name, self.path, flags=os.O_RDWR, want=stat.S_IFREG)
+        if fd is None:
             return []
-        except OSError as exc:
-            raise TransportError(f"cannot open {self.path}: {exc.strerror}") from exc
         try:  # closing fd (the only descriptor we opened) is what releases the lockf lock
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise TransportError(f"{self.path} is not a regular file")
+            _check_mbox(os.fstat(fd), self.path)
             if not _lockf(fd, fcntl.LOCK_EX, self.lock_attempts, self.lock_interval):
                 raise TransportError(
                     f"mailbox {self.path} stayed locked (fcntl)",
@@ -358,13 +415,15 @@ def scan_mbox(
     tolerate duplicates. A missing file gives ``([], 0)``. If the lock stays busy,
     nothing is returned and ``offset`` is unchanged (try again after the next change).
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:  # O_NONBLOCK: a FIFO at the path must not hang the client
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return [], 0
     except OSError as exc:
         raise TransportError(f"cannot open {path}: {exc.strerror}") from exc
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise TransportError(f"{path} is not a regular file", hint="give the path of an mbox")
         if not _lockf(fd, fcntl.LOCK_SH, lock_attempts, lock_interval):
             log.info("mailbox %s is locked; will look again later", path)
             return [], offset

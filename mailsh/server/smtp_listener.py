@@ -9,7 +9,7 @@ message in the spool before saying so:
 - Messages over ``max_message_bytes`` get ``552`` (aiosmtpd's ``data_size_limit``, also
   advertised as ``SIZE``).
 - ``250 2.0.0 queued as ID`` is answered only after ``spool.put`` returned, i.e. after
-  the message is durable (THREATS.md P9). If the spool fails the client gets
+  the message is durable (docs/security.md P9). If the spool fails the client gets
   ``451 4.3.0`` and keeps the message to retry. ``put`` runs in a worker thread so a slow
   disk does not stall other sessions.
 - The bytes stored are exactly what the client sent between ``DATA`` and the final dot

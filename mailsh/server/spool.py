@@ -6,12 +6,16 @@ Layout under ``root`` (mode 0700), like Maildir::
     new/         accepted, waiting to be processed (``pending()``)
     done/        processed (``finish()``)
     quarantine/  refused by the daemon, kept for a human, with a ``NAME.reason`` file
+    refused.json mailboxes intake refuses, for ``mailsh status`` (``intake_files``)
+
+Only regular files count: a symlink or FIFO in ``new/`` is ignored (warned), and
+``read`` opens with ``O_NOFOLLOW | O_NONBLOCK`` (P13).
 
 A file name is ``ID.SOURCE`` where ``ID`` is ``TIME_NS(20 digits).PID.RANDOM(16 hex)``:
 sortable by arrival, unique across processes, and the name carries which intake
 (``SOURCE``) delivered it, so no sidecar has to be kept consistent with it.
 
-Crash safety (THREATS.md P9: duplicate at worst, never lose):
+Crash safety (docs/security.md P9: duplicate at worst, never lose):
 
 * ``put`` writes ``tmp/NAME``, fsyncs the file, renames it to ``new/NAME`` and fsyncs
   ``new/``. Only then does it return, and only then may a caller answer SMTP 250 or
@@ -37,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailsh.errors import TransportError
+from mailsh.text import escape
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +105,11 @@ class Spool:
                 self.root.chmod(0o700)
             for sub in _SUBDIRS:
                 (self.root / sub).mkdir(mode=0o700, exist_ok=True)
+                if not stat.S_ISDIR((self.root / sub).lstat().st_mode):
+                    raise SpoolError(
+                        f"spool directory {self.root / sub} is a symbolic link",
+                        hint=f"replace {self.root / sub} by a directory (mode 0700)",
+                    )
             _fsync_dir(self.root)
         except OSError as exc:
             raise SpoolError(
@@ -173,9 +183,13 @@ class Spool:
                     log.warning("ignoring unexpected file %s in spool", entry.path)
                 continue
             try:
-                size = entry.stat(follow_symlinks=False).st_size
+                st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # finished by a concurrent consumer
+            if not stat.S_ISREG(st.st_mode):  # a FIFO here would block whoever opens it
+                log.warning("ignoring %s in spool: not a regular file", entry.path)
+                continue
+            size = st.st_size
             yield SpooledMessage(
                 id=match["id"], path=Path(entry.path), source=match["source"], size=size
             )
@@ -187,10 +201,18 @@ class Spool:
     def read(self, msg: SpooledMessage, max_bytes: int) -> bytes:
         """The message's bytes; raises ``MessageTooLarge`` beyond ``max_bytes`` (P10)."""
         try:
-            with open(msg.path, "rb") as fh:
+            fd = os.open(msg.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SpoolError(f"cannot read {msg.path}: {exc.strerror}") from exc
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise SpoolError(f"cannot read {msg.path}: not a regular file")
+            with os.fdopen(fd, "rb", closefd=False) as fh:
                 data = fh.read(max_bytes + 1)
         except OSError as exc:
             raise SpoolError(f"cannot read {msg.path}: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
         if len(data) > max_bytes:
             raise MessageTooLarge(msg, max_bytes)
         return data
@@ -222,9 +244,10 @@ class Spool:
         """Move a refused message to ``quarantine/`` with a ``NAME.reason`` file beside it.
 
         The reason is written (and fsynced) first, so a quarantined message always has
-        one. ``reason`` is reduced to printable single-line text: it may quote input.
+        one. ``reason`` is escaped to one printable line (``mailsh.text.escape``): it may
+        quote input.
         """
-        clean = "".join(c if c.isprintable() else "?" for c in reason)[:_MAX_REASON_CHARS]
+        clean = escape(reason)[:_MAX_REASON_CHARS]
         reason_path = self.quarantine_dir / f"{msg.name}.reason"
         try:
             fd = os.open(reason_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)

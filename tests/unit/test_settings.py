@@ -155,11 +155,11 @@ def test_home_and_gnupg_created_0700(tmp_path: Path) -> None:
     assert s.trust_file == s.home / "trust.json"
 
 
-def test_looser_modes_are_fixed(tmp_path: Path) -> None:
+def test_looser_read_modes_are_fixed(tmp_path: Path) -> None:
     home = tmp_path / "home"
     (home / "gnupg").mkdir(parents=True)
     home.chmod(0o755)
-    (home / "gnupg").chmod(0o777)
+    (home / "gnupg").chmod(0o750)
     ensure_home(load_settings(home=home))
     assert _mode(home) == 0o700
     assert _mode(home / "gnupg") == 0o700

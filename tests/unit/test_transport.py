@@ -514,3 +514,12 @@ def test_sendmail_timeout(tmp_path: Path) -> None:
     path.chmod(0o755)
     with pytest.raises(TransportTempError, match="did not finish"):
         send_sendmail(path, mail_from=FROM, rcpt_to=[TO], message=MESSAGE, timeout=0.3)
+
+
+def test_hostile_server_text_reaches_the_user_as_one_printable_line(make_server: Any) -> None:
+    server = make_server()
+    server.recorder.data_reply = "554 5.7.1 no\x1b[2J\x1b]0;owned\x07 thanks\u202e"
+    with pytest.raises(TransportError) as info:
+        send_smtp(server.url(), OPTS, mail_from=FROM, rcpt_to=[TO], message=MESSAGE)
+    assert "554 5.7.1 no [2J ]0;owned thanks" in info.value.message
+    assert info.value.message.isprintable()

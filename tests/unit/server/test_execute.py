@@ -1,4 +1,4 @@
-"""Tests for mailsh.server.execute with real subprocesses (THREATS.md "Execution", P10)."""
+"""Tests for mailsh.server.execute with real subprocesses (docs/security.md P10)."""
 
 from __future__ import annotations
 

@@ -165,7 +165,7 @@ def test_quarantine_keeps_message_and_a_one_line_reason(tmp_path: Path) -> None:
     where = spool.quarantine(msg, "too big\nBcc: victim@example.org")
     assert where.read_bytes() == b"evil"
     reason = (spool.quarantine_dir / f"{msg.name}.reason").read_text()
-    assert reason == "too big?Bcc: victim@example.org\n"
+    assert reason == "too big\\nBcc: victim@example.org\n"
     assert spool.pending() == []
 
 

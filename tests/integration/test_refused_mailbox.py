@@ -1,0 +1,45 @@
+"""A planted mailbox is refused by a real `mailsh serve`, logged and shown by `status` (P13)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import Home
+from tests.integration.serverkit import Sink
+
+
+def _mailsh(*args: str, home: Path) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "mailsh", "--home", str(home), *args],
+        capture_output=True,
+        timeout=120,
+        check=False,
+        env=dict(os.environ),
+    )
+
+
+def test_serve_refuses_a_symlinked_mbox_keeps_serving_and_status_shows_it(
+    srv: Home, sink: Sink, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"From x  Mon Jan  1 00:00:00 2024\nSubject: s\n\nsecret\n\n")
+    (tmp_path / "mail").mkdir()
+    mbox = tmp_path / "mail" / "root"
+    mbox.symlink_to(victim)
+    served = _mailsh(
+        "serve", "--once", "--smtp", sink.url, "--workdir", str(tmp_path),
+        "--mbox", str(mbox), "--log-format", "json", home=srv.path,
+    )  # fmt: skip
+    assert served.returncode == 0, served.stderr
+    logged = [json.loads(line) for line in served.stderr.splitlines() if line.startswith(b"{")]
+    assert any(d["level"] == "error" and str(mbox) in d["message"] for d in logged), logged
+    assert victim.read_bytes().endswith(b"secret\n\n")  # neither copied away nor truncated
+
+    status = _mailsh("status", "--json", home=srv.path)
+    assert status.returncode == 0, status.stderr
+    [line] = json.loads(status.stdout)["refused_mailboxes"]
+    assert line.startswith(f"{mbox} is a symbolic link, not a regular file")
