@@ -17,7 +17,9 @@ def demo(
     keep: Annotated[
         bool, typer.Option("--keep", help="Keep the temporary homes to look at afterwards.")
     ] = False,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 120.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", metavar="S", help="Seconds to wait for the reply.")
+    ] = 120.0,
 ) -> None:
     """Run COMMAND through a real round trip: keys, serve, SMTP, reply — all local.
 

@@ -14,25 +14,39 @@ from mailsh.cli import app, gpg_for, keys_app, say, settings_from, trust_app, us
 
 @app.command()
 def keygen(
-    email: Annotated[str, typer.Option("--email", help="Address this identity uses.")],
+    email: Annotated[
+        str, typer.Option("--email", metavar="ADDR", help="Address this identity uses.")
+    ],
     name: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option("--name", help="Real name in the user id (default: the address)."),
+        typer.Option(
+            "--name",
+            metavar="NAME",
+            help="Name in the user id [the part of the address before the @].",
+            show_default=False,
+        ),
     ] = None,
     algo: Annotated[
-        str, typer.Option("--algo", help="ed25519 (default), rsa3072 or rsa4096.")
+        str, typer.Option("--algo", metavar="ALGO", help="ed25519, rsa3072 or rsa4096.")
     ] = "ed25519",
     expire: Annotated[
         str, typer.Option("--expire", help="Key lifetime, gpg syntax (2y, 90d, 0 = never).")
     ] = "2y",
     output: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option("--output", "-o", help="Where to write the public key [./EMAIL.asc]."),
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE",
+            help="Where to write the public key [./EMAIL.asc].",
+            show_default=False,
+        ),
     ] = None,
     passphrase_file: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(
             "--passphrase-file",
+            metavar="FILE",
             envvar="MAILSH_PASSPHRASE_FILE",
             help="Protect the key with the passphrase in this file (used unattended).",
         ),
@@ -100,7 +114,9 @@ def keys_show(
 def keys_export(
     output: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option("--output", "-o", help="File to write (default: stdout)."),
+        typer.Option(
+            "--output", "-o", metavar="FILE", help="File to write [stdout].", show_default=False
+        ),
     ] = None,
 ) -> None:
     """Export this home's public key (armored) for the other side's `mailsh trust add`."""
@@ -123,7 +139,12 @@ def trust_add(
     key_file: Annotated[Path, typer.Argument(help="An exported public key (armored).")],
     reply_to: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option("--reply-to", help="Address replies to this key go to [its uid email]."),
+        typer.Option(
+            "--reply-to",
+            metavar="ADDR",
+            help="Address replies to this key go to [its uid email].",
+            show_default=False,
+        ),
     ] = None,
     allow_plain_scripts: Annotated[
         bool,

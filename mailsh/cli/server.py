@@ -81,20 +81,27 @@ def serve(
     ] = False,
     workers: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option("--workers", envvar="MAILSH_WORKERS", help="Concurrent commands [1]."),
+        typer.Option(
+            "--workers", metavar="N", envvar="MAILSH_WORKERS", help="Concurrent commands [1]."
+        ),
     ] = None,
     run_as: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option("--run-as", envvar="MAILSH_RUN_AS", help="Run commands as this user."),
+        typer.Option(
+            "--run-as", metavar="USER", envvar="MAILSH_RUN_AS", help="Run commands as this user."
+        ),
     ] = None,
     workdir: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option("--workdir", envvar="MAILSH_WORKDIR", help="Commands' working dir [/]."),
+        typer.Option(
+            "--workdir", metavar="DIR", envvar="MAILSH_WORKDIR", help="Commands' working dir [/]."
+        ),
     ] = None,
     command_timeout: Annotated[
         Optional[float],  # noqa: UP045
         typer.Option(
             "--command-timeout",
+            metavar="S",
             envvar="MAILSH_COMMAND_TIMEOUT",
             help="Default wall-clock limit per command, seconds [60].",
         ),
@@ -103,6 +110,7 @@ def serve(
         Optional[float],  # noqa: UP045
         typer.Option(
             "--max-command-timeout",
+            metavar="S",
             envvar="MAILSH_MAX_COMMAND_TIMEOUT",
             help="Cap on what a request may ask for, seconds [3600].",
         ),
@@ -111,6 +119,7 @@ def serve(
         Optional[int],  # noqa: UP045
         typer.Option(
             "--max-output-bytes",
+            metavar="BYTES",
             envvar="MAILSH_MAX_OUTPUT_BYTES",
             help="Output kept per stream (stdout, stderr) [1 MiB].",
         ),
@@ -124,18 +133,29 @@ def serve(
         ),
     ] = None,
     poll_interval: Annotated[
-        float, typer.Option("--poll-interval", help="Polling fallback when inotify is absent.")
+        float,
+        typer.Option(
+            "--poll-interval",
+            metavar="S",
+            help="Seconds between mailbox checks when inotify is absent.",
+        ),
     ] = 2.0,
     shutdown_grace: Annotated[
         float,
         typer.Option(
             "--shutdown-grace",
+            metavar="S",
             help="On SIGTERM, let running commands finish this long (seconds).",
         ),
     ] = 30.0,
     log_format: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option("--log-format", envvar="MAILSH_LOG_FORMAT", help="text or json [text]."),
+        typer.Option(
+            "--log-format",
+            metavar="FORMAT",
+            envvar="MAILSH_LOG_FORMAT",
+            help="text or json [text].",
+        ),
     ] = None,
 ) -> None:
     """Run commands that arrive as signed mail, and mail back signed, encrypted results.

@@ -1,0 +1,196 @@
+"""How the command line behaves as a whole (issue 12): global options anywhere, ``-h``,
+help that names every global option, readable metavars, summaries that are not cut.
+
+In-process through :func:`mailsh.cli.main`, the same entry point as the ``mailsh``
+script, with throwaway homes in short paths.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Optional
+
+import pytest
+import typer
+import typer.main
+
+from mailsh.cli import app, main
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> Run:
+    """Run ``mailsh ARGV`` in-process; every outcome is a SystemExit with a code."""
+    capsys.readouterr()
+    try:
+        main(list(argv))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    else:  # pragma: no cover - typer always exits in standalone mode
+        code = 0
+    out, err = capsys.readouterr()
+    return Run(code, out, err)
+
+
+@pytest.fixture
+def root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A short scratch directory (gpg-agent socket paths are limited), no MAILSH_* set."""
+    for name in [n for n in os.environ if n.startswith("MAILSH_")]:
+        monkeypatch.delenv(name)
+    path = Path(tempfile.mkdtemp(prefix="mso.", dir="/tmp"))
+    monkeypatch.chdir(path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _command_paths() -> tuple[list[list[str]], set[str]]:
+    """Every command and group of the app as the words that name it, and the leaves."""
+    paths: list[list[str]] = [[]]
+    leaves: set[str] = set()
+
+    def walk(command: object, prefix: list[str]) -> None:
+        subcommands = getattr(command, "commands", {})
+        if not subcommands:
+            leaves.add(" ".join(prefix))
+        for name, sub in subcommands.items():
+            paths.append([*prefix, name])
+            walk(sub, [*prefix, name])
+
+    walk(typer.main.get_command(app), [])
+    return paths, leaves
+
+
+COMMANDS, LEAVES = _command_paths()
+
+
+def test_the_walk_finds_every_command() -> None:
+    names = {" ".join(p) for p in COMMANDS}
+    assert {"send", "wait-reply", "serve", "deliver", "keygen", "trust list", "keys"} <= names
+
+
+@pytest.mark.parametrize("words", COMMANDS, ids=lambda w: " ".join(w) or "mailsh")
+def test_every_help_lists_the_global_options_and_h_is_help(
+    capsys: pytest.CaptureFixture[str], words: list[str]
+) -> None:
+    long = cli(capsys, *words, "--help")
+    assert long.code == 0, long.err
+    short = cli(capsys, *words, "-h")
+    assert short.code == 0, short.err
+    assert short.out == long.out
+    globals_section = long.out.split("Global options:", 1)[1]
+    for option in ("--home DIR", "--debug", "--version"):
+        assert option in globals_section, (words, long.out)
+    # Readable metavars: typer's type labels never show.
+    assert not re.search(r"<(str|path|float|int|text)>|list\[", long.out), long.out
+    assert "{" not in long.out.splitlines()[0], long.out  # usage: `ID`, not `{ID}`
+
+
+def test_command_list_shows_whole_first_sentences(capsys: pytest.CaptureFixture[str]) -> None:
+    out = cli(capsys, "--help").out
+    commands = " ".join(out.split("Commands:", 1)[1].split())
+    assert "..." not in commands
+    assert "Run commands that arrive as signed mail, and mail back signed, encrypted" in commands
+
+
+# Each command with the least it needs to reach its settings, and --home DIR after it.
+# Most then fail (no identity, no state ...): what matters is which home they used.
+HOME_AFTER = {
+    "send": ["send", "--to", "srv@example.org", "id"],
+    "wait-reply": ["wait-reply", "0123456789abcdef"],
+    "keygen": ["keygen", "--email", "me@example.org"],
+    "serve": ["serve", "--spool-only", "--once"],
+    "status": ["status"],
+    "deliver": ["deliver"],
+    "keys show": ["keys", "show"],
+    "keys export": ["keys", "export"],
+    "trust add": ["trust", "add", "missing.asc"],
+    "trust list": ["trust", "list"],
+    "trust remove": ["trust", "remove", "A" * 40],
+}
+
+
+def test_home_after_covers_every_command_that_uses_a_home() -> None:
+    assert LEAVES - set(HOME_AFTER) == {"demo"}  # demo makes its own temporary homes
+
+
+@pytest.mark.parametrize("name", sorted(HOME_AFTER))
+def test_home_after_the_subcommand_is_the_home_used(
+    capsys: pytest.CaptureFixture[str], root: Path, name: str
+) -> None:
+    home = root / "h"
+    result = cli(capsys, *HOME_AFTER[name], "--home", str(home))
+    assert "No such option" not in result.err, result.err
+    assert (home / "gnupg").is_dir(), (result.code, result.err)
+
+
+def test_the_innermost_home_wins_over_the_outer_flag_and_the_environment(
+    capsys: pytest.CaptureFixture[str], root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MAILSH_HOME", str(root / "env"))
+    result = cli(
+        capsys, "--home", str(root / "outer"), "trust", "--home", str(root / "mid"), "list",
+        "--home", str(root / "inner"),
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    assert (root / "inner").is_dir()
+    assert not any((root / name).exists() for name in ("env", "outer", "mid"))
+
+    # Without a flag after the subcommand, the outer flag beats the environment...
+    assert cli(capsys, "--home", str(root / "outer"), "trust", "list").code == 0
+    assert (root / "outer").is_dir()
+    assert not (root / "env").exists()
+    # ...and the environment applies when no flag is given.
+    assert cli(capsys, "trust", "list").code == 0
+    assert (root / "env").is_dir()
+
+
+def test_debug_after_the_subcommand_shows_the_traceback(
+    capsys: pytest.CaptureFixture[str], root: Path
+) -> None:
+    plain = cli(capsys, "keys", "show", "--home", str(root / "h"))
+    assert plain.code == 255
+    assert "Traceback" not in plain.err
+    debug = cli(capsys, "keys", "show", "--home", str(root / "h"), "--debug")
+    assert debug.code == 255
+    assert "Traceback" in debug.err
+    assert "mailsh: this home has no identity yet" in debug.err
+    # The next run without --debug is quiet again (no state leaks between runs).
+    assert "Traceback" not in cli(capsys, "keys", "show", "--home", str(root / "h")).err
+
+
+def test_version_after_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    result = cli(capsys, "trust", "list", "--version")
+    assert result.code == 0
+    assert result.out.startswith("mailsh ")
+
+
+def test_an_option_without_a_metavar_still_shows_a_readable_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mailsh.cli import MailshTyper
+
+    probe = MailshTyper(add_completion=False, rich_markup_mode=None)
+
+    @probe.command()
+    def count(  # the typer type labels this would show: <int>, list[str]
+        n: Annotated[int, typer.Option("--n")] = 1,
+        tag: Annotated[Optional[list[str]], typer.Option("--tag")] = None,  # noqa: UP045
+    ) -> None:
+        """Count."""
+
+    with pytest.raises(SystemExit):
+        probe(["--help"], prog_name="probe")
+    out = capsys.readouterr().out
+    assert "--n N" in out
+    assert "--tag TEXT" in out
