@@ -41,6 +41,9 @@ REMOTE_EXIT_CODES_HELP = (
 class GlobalOpts:
     home: Path | None = None
     debug: bool = False
+    # The MAILSH_* variables typer read for the running command's options (see
+    # MailshCommand.invoke): settings_from leaves those to the settings' own env level.
+    from_env: frozenset[str] = frozenset()
 
 
 # -- global options, accepted before or after any subcommand ----------------------------
@@ -52,11 +55,14 @@ class GlobalOpts:
 # `mailsh trust list --home B` beats both `mailsh --home A` and MAILSH_HOME.
 
 
-def _given_here(ctx: typer.Context, param: typer.CallbackParam) -> bool:
-    if ctx.parent is None:
-        return True
+def _source(ctx: Context, param: Parameter) -> str | None:
+    """Where the parameter's value came from: COMMANDLINE, ENVIRONMENT, DEFAULT ..."""
     source = ctx.get_parameter_source(param.name or "")
-    return source is not None and source.name == "COMMANDLINE"
+    return None if source is None else source.name
+
+
+def _given_here(ctx: typer.Context, param: typer.CallbackParam) -> bool:
+    return ctx.parent is None or _source(ctx, param) == "COMMANDLINE"
 
 
 def _set_home(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> None:
@@ -187,6 +193,14 @@ class MailshCommand(TyperCommand):
     def get_params(self, ctx: Context) -> list[Parameter]:
         return [*super().get_params(ctx), *global_params()]
 
+    def invoke(self, ctx: Context) -> Any:
+        GlobalOpts.from_env = frozenset(
+            param.envvar
+            for param in self.params
+            if isinstance(param.envvar, str) and _source(ctx, param) == "ENVIRONMENT"
+        )
+        return super().invoke(ctx)
+
     def collect_usage_pieces(self, ctx: Context) -> list[str]:
         return _usage_pieces(self, ctx)
 
@@ -263,9 +277,20 @@ def say(text: str) -> None:
 
 
 def settings_from(**flags: Any) -> Settings:
+    """Settings from the options of the running command.
+
+    An option's value that typer took from its ``MAILSH_*`` variable is not a flag: it
+    is dropped here, and the settings read the variable themselves, at the environment's
+    place in the precedence (flag > env > mailsh.toml; see mailsh.settings).
+    """
     from mailsh.settings import ensure_home, load_settings
 
-    settings = load_settings(home=GlobalOpts.home, **flags)
+    given = {
+        name: value
+        for name, value in flags.items()
+        if f"MAILSH_{name.upper()}" not in GlobalOpts.from_env
+    }
+    settings = load_settings(home=GlobalOpts.home, **given)
     ensure_home(settings)
     return settings
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -21,6 +23,7 @@ import typer
 import typer.main
 
 from mailsh.cli import app, main
+from tests.conftest import Home
 
 
 @dataclass
@@ -194,3 +197,145 @@ def test_an_option_without_a_metavar_still_shows_a_readable_one(
     out = capsys.readouterr().out
     assert "--n N" in out
     assert "--tag TEXT" in out
+
+
+# -- precedence for option families, through the CLI ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client_home(server: Home) -> Iterator[tuple[Path, str]]:
+    """A client home that pins the server's key and has one request pending."""
+    from mailsh.client.pending import PendingRequest, PendingStore
+
+    root = Path(tempfile.mkdtemp(prefix="msp.", dir="/tmp"))
+    home = root / "c"
+    with pytest.raises(SystemExit) as added:
+        main(["trust", "add", str(server.pubkey), "--home", str(home)])
+    assert added.value.code == 0
+    now = datetime.now(UTC)
+    request_id = "0123456789abcdef0123456789abcdef"
+    PendingStore(home).save(
+        PendingRequest(
+            request_id=request_id,
+            to=server.email,
+            server_fingerprint=server.fingerprint,
+            payload_sha256="0" * 64,
+            message_id="<probe@example.org>",
+            created=now,
+            expires_at=now + timedelta(hours=1),
+        )
+    )
+    yield home, request_id
+    _ = subprocess.run(["gpgconf", "--homedir", str(home / "gnupg"), "--kill", "all"], check=False)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+# Each mailbox kind at a path that cannot exist: wait-reply names it at once, so the
+# message says which mailbox it chose. (IMAP is covered in tests/unit/test_settings_families.)
+MISSING = {"mbox": "/nonexistent-{}/mbox", "maildir": "/nonexistent-{}/Maildir"}
+
+
+@pytest.mark.parametrize(
+    ("flag", "env", "file", "winner"),
+    [
+        ("mbox", None, "maildir", "flag"),  # the case issue 12 reports
+        ("maildir", "mbox", "mbox", "flag"),
+        (None, "maildir", "mbox", "env"),
+        (None, "mbox", "maildir", "env"),
+        (None, None, "maildir", "file"),
+    ],
+)
+def test_wait_reply_reads_the_mailbox_of_the_highest_source(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    client_home: tuple[Path, str],
+    flag: str | None,
+    env: str | None,
+    file: str | None,
+    winner: str,
+) -> None:
+    home, request_id = client_home
+    for name in [n for n in os.environ if n.startswith("MAILSH_")]:
+        monkeypatch.delenv(name)
+    toml = home / "mailsh.toml"
+    toml.unlink(missing_ok=True)
+    if file is not None:
+        toml.write_text(f'reply_{file} = "{MISSING[file].format("file")}"\n')
+    if env is not None:
+        monkeypatch.setenv(f"MAILSH_REPLY_{env.upper()}", MISSING[env].format("env"))
+    argv = ["wait-reply", request_id, "--home", str(home), "--wait-timeout", "1"]
+    if flag is not None:
+        argv += [f"--{flag}", MISSING[flag].format("flag")]
+    result = cli(capsys, *argv)
+    toml.unlink(missing_ok=True)
+    assert result.code == 255
+    assert "several" not in result.err and "both" not in result.err, result.err
+    assert f"/nonexistent-{winner}/" in result.err, result.err
+
+
+def test_wait_reply_with_two_mailbox_flags_names_them(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    client_home: tuple[Path, str],
+) -> None:
+    home, request_id = client_home
+    for name in [n for n in os.environ if n.startswith("MAILSH_")]:
+        monkeypatch.delenv(name)
+    result = cli(
+        capsys, "wait-reply", request_id, "--home", str(home),
+        "--mbox", "/tmp/m", "--maildir", "/tmp/d",
+    )  # fmt: skip
+    assert result.code == 255
+    assert "mailsh: --mbox and --maildir were both given" in result.err
+    assert "next: give only one of --mbox and --maildir" in result.err
+
+
+def test_a_transport_flag_replaces_the_environment_and_the_file(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    make_home: Callable[..., Home],
+) -> None:
+    """MAILSH_SMTP (which typer also reads for --smtp) and smtp in mailsh.toml give way
+    to --sendmail: serve starts instead of refusing two ways to send mail."""
+    srv = make_home("precedence@server.test")
+    monkeypatch.chdir(srv.path)
+    for name in [n for n in os.environ if n.startswith("MAILSH_")]:
+        monkeypatch.delenv(name)
+    (srv.path / "mailsh.toml").write_text('smtp = "smtp://127.0.0.1:1"\n')
+    monkeypatch.setenv("MAILSH_SMTP", "smtp://127.0.0.1:2")
+    serve = ["serve", "--spool-only", "--once", "--home", str(srv.path)]
+    result = cli(capsys, *serve, "--sendmail", "/bin/true")
+    assert result.code == 0, result.err
+    # The same two sources, and --smtp from the environment alone: also no conflict.
+    (srv.path / "mailsh.toml").write_text('sendmail = "/bin/true"\n')
+    assert cli(capsys, *serve).code == 0
+    # Two in the same source are still a mistake, named as such.
+    monkeypatch.delenv("MAILSH_SMTP")
+    (srv.path / "mailsh.toml").write_text('smtp = "smtp://h"\nsendmail = "/bin/true"\n')
+    refused = cli(capsys, *serve)
+    assert refused.code == 255
+    assert "smtp and sendmail are both set in" in refused.err
+
+
+@pytest.mark.parametrize("option", ["--wait-timeout", "--timeout"])
+def test_wait_reply_wait_limit_flag_beats_the_environment(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    client_home: tuple[Path, str],
+    tmp_path: Path,
+    option: str,
+) -> None:
+    """--wait-timeout, and --timeout (its hidden old name), beat MAILSH_WAIT_TIMEOUT."""
+    home, request_id = client_home
+    for name in [n for n in os.environ if n.startswith("MAILSH_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("MAILSH_WAIT_TIMEOUT", "5")
+    mbox = tmp_path / "mbox"
+    mbox.touch()
+    argv = ["wait-reply", request_id, "--home", str(home), "--mbox", str(mbox)]
+    result = cli(capsys, *argv, option, "0.2")
+    assert result.code == 255
+    assert "no reply after 0.2s" in result.err, result.err
+    help_text = cli(capsys, "wait-reply", "--help").out
+    assert "--wait-timeout S" in help_text
+    assert "--timeout" not in help_text
