@@ -12,7 +12,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional, TypeVar
 
 import typer
 import typer.main
@@ -252,7 +252,7 @@ app = MailshTyper(
     help="Remote shell by email: signed commands in, signed and encrypted results out.\n\n"
     + EXIT_CODES_HELP,
     no_args_is_help=True,
-    pretty_exceptions_show_locals=False,
+    pretty_exceptions_enable=False,  # main() renders every failure as one line
     add_completion=False,
     rich_markup_mode=None,
 )
@@ -345,18 +345,20 @@ def usage_error(message: str, hint: str) -> MailshError:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app, map every expected failure to one exit code.
-
-    typer/click handle usage errors themselves (exit 2) and exit via SystemExit;
-    MailshError propagates out of the app and is rendered here, and only here.
+    """Entry point: run the app, map every failure to one line, a next step and one
+    exit code, here and only here: usage errors (exit 2), MailshError (its code, mostly
+    255) and any other exception (255, "run again with --debug").
     """
     try:
-        app(args=argv, prog_name="mailsh")
+        status = app(args=argv, prog_name="mailsh", standalone_mode=False)
+    except typer.TyperException as exc:  # click's usage errors: a bad command line
+        _command_line_error(exc)
+    except typer.Abort:
+        say("mailsh: aborted")
+        sys.exit(int(ExitCode.FAILURE))
     except MailshError as exc:
         if GlobalOpts.debug:
-            import traceback
-
-            traceback.print_exc()
+            _print_details(exc)
         say(f"mailsh: {exc.message}")
         if exc.hint:
             say(f"  next: {exc.hint}")
@@ -364,6 +366,41 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         say("mailsh: interrupted")
         sys.exit(int(ExitCode.FAILURE))
+    except Exception as exc:  # the one place where a bug becomes one clear line
+        if GlobalOpts.debug:
+            _print_details(exc)
+        say(f"mailsh: unexpected error: {type(exc).__name__}: {exc}")
+        say(
+            "  next: run again with --debug to see where it happened, and report it"
+            if not GlobalOpts.debug
+            else "  next: please report this, with the traceback above"
+        )
+        sys.exit(int(ExitCode.FAILURE))
+
+    sys.exit(status if isinstance(status, int) else int(ExitCode.OK))
+
+
+def _command_line_error(exc: typer.TyperException) -> NoReturn:
+    """A usage error as one line and a next step, like every other failure (exit 2)."""
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError":  # `mailsh` or `mailsh trust` alone
+        typer.echo(exc.format_message())
+        sys.exit(int(ExitCode.USAGE))
+    say(f"mailsh: {exc.format_message()}")
+    say(f"  next: see {ctx.command_path if ctx is not None else 'mailsh'} --help")
+    sys.exit(int(ExitCode.USAGE) if exc.exit_code == ExitCode.USAGE else int(ExitCode.FAILURE))
+
+
+def _print_details(exc: BaseException) -> None:
+    """What --debug promises: the traceback, and gpg's own output for gpg failures."""
+    import traceback
+
+    traceback.print_exception(exc)
+    gpg_output = getattr(exc, "gpg_output", "")
+    if gpg_output:
+        say("gpg's output:")
+        for line in gpg_output.rstrip().splitlines():
+            say(f"  {line}")
 
 
 # Register the commands (each module only imports typer at import time).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -30,7 +31,13 @@ def keygen(
         str, typer.Option("--algo", metavar="ALGO", help="ed25519, rsa3072 or rsa4096.")
     ] = "ed25519",
     expire: Annotated[
-        str, typer.Option("--expire", help="Key lifetime, gpg syntax (2y, 90d, 0 = never).")
+        str,
+        typer.Option(
+            "--expire",
+            metavar="WHEN",
+            help="Key lifetime: N days, weeks, months or years (90d, 12w, 6m, 2y), an end "
+            "date (YYYY-MM-DD), or 0 / never.",
+        ),
     ] = "2y",
     output: Annotated[
         Optional[Path],  # noqa: UP045
@@ -63,6 +70,12 @@ def keygen(
 
     if algo not in ("ed25519", "rsa3072", "rsa4096"):
         raise usage_error(f"unknown --algo {algo!r}", "use ed25519, rsa3072 or rsa4096")
+    _check_expire(expire)
+    if name is not None and (not name.isprintable() or "<" in name or ">" in name):
+        raise usage_error(
+            f"--name {name!r} cannot be part of a user id",
+            "use printable characters without < and > (the address is added in <...>)",
+        )
     email = validate_address(email)
     settings = settings_from(passphrase_file=passphrase_file)
     passphrase = settings.passphrase()
@@ -83,6 +96,30 @@ def keygen(
     target.write_text(ident.export_public(gpg, identity.fingerprint), encoding="utf-8")
     typer.echo(identity.fingerprint)
     say(f"public key written to {target}; on the other side run: mailsh trust add {target}")
+
+
+_EXPIRE = re.compile(r"(0|never|none|[1-9][0-9]{0,5}[dwmy]?|(\d{4}-\d{2}-\d{2}))")
+
+
+def _check_expire(expire: str) -> None:
+    """Refuse what gpg would refuse (or read differently) before anything is generated."""
+    match = _EXPIRE.fullmatch(expire.strip().lower())
+    if match is None:
+        raise usage_error(
+            f"--expire {expire!r} is not a key lifetime",
+            "use e.g. 2y, 6m, 12w or 90d, an end date YYYY-MM-DD, or 0 (never expires)",
+        )
+    if match.group(2) is not None:
+        from datetime import date
+
+        try:
+            end = date.fromisoformat(match.group(2))
+        except ValueError:
+            raise usage_error(f"--expire {expire!r} is not a date", "use YYYY-MM-DD") from None
+        if end <= date.today():
+            raise usage_error(
+                f"--expire {expire} is not in the future", "give a later date, or e.g. 2y"
+            )
 
 
 @keys_app.command("show")
