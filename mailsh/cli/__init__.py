@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional, TypeVar
 
@@ -91,7 +91,7 @@ def _global_options(
             metavar="DIR",
             envvar="MAILSH_HOME",
             help="State directory of this identity (keys, trust store, state).",
-            show_default="~/.local/share/mailsh",
+            show_default="$XDG_DATA_HOME/mailsh, i.e. ~/.local/share/mailsh",
             callback=_set_home,
             expose_value=False,
         ),
@@ -218,6 +218,14 @@ class MailshGroup(TyperGroup):
     def collect_usage_pieces(self, ctx: Context) -> list[str]:
         return [*_usage_pieces(self, ctx), self.subcommand_metavar]
 
+    def _main_shell_completion(
+        self, ctx_args: MutableMapping[str, Any], prog_name: str, complete_var: str | None = None
+    ) -> None:
+        from mailsh.cli.completion import prepare
+
+        prepare(prog_name, complete_var)
+        super()._main_shell_completion(ctx_args, prog_name, complete_var)
+
     def format_options(self, ctx: Context, formatter: HelpFormatter) -> None:
         _format_params(self, ctx, formatter)
         rows = []
@@ -253,7 +261,7 @@ app = MailshTyper(
     + EXIT_CODES_HELP,
     no_args_is_help=True,
     pretty_exceptions_enable=False,  # main() renders every failure as one line
-    add_completion=False,
+    add_completion=False,  # mailsh.cli.completion declares its own options
     rich_markup_mode=None,
 )
 keys_app = MailshTyper(help="Show or export this home's own key.", no_args_is_help=True)
@@ -405,9 +413,10 @@ def _print_details(exc: BaseException) -> None:
 
 # Register the commands (each module only imports typer at import time).
 from mailsh.cli import client as _client  # noqa: E402
+from mailsh.cli import completion as _completion  # noqa: E402
 from mailsh.cli import demo as _demo  # noqa: E402
 from mailsh.cli import keys as _keys  # noqa: E402
 from mailsh.cli import server as _server  # noqa: E402
 
 __all__ = ["GlobalOpts", "app", "gpg_for", "main", "say", "settings_from", "usage_error"]
-_ = (_keys, _server, _client, _demo)
+_ = (_keys, _server, _client, _completion, _demo)

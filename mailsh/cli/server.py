@@ -247,7 +247,10 @@ def status(
             typer.echo(f"{key}: {value}")
 
 
-@app.command()
+@app.command(
+    epilog="Exit codes: 0 the message is stored; 75 temporary failure, the MTA keeps the "
+    "message and retries; 73 the message is larger than max_message_bytes, the MTA bounces it."
+)
 def deliver() -> None:
     """Take one message on stdin into the server's spool (Postfix mailbox_command / pipe).
 

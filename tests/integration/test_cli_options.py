@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -339,3 +340,79 @@ def test_wait_reply_wait_limit_flag_beats_the_environment(
     help_text = cli(capsys, "wait-reply", "--help").out
     assert "--wait-timeout S" in help_text
     assert "--timeout" not in help_text
+
+
+# -- shell completion -----------------------------------------------------------------
+
+
+def _bash(script: str, home: Path) -> str:
+    """Run SCRIPT in a real bash with the installed `mailsh` first on PATH."""
+    bindir = Path(sys.executable).parent
+    assert (bindir / "mailsh").exists(), "the mailsh entry point is installed beside python"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAILSH_", "_MAILSH"))}
+    env.update(HOME=str(home), PATH=f"{bindir}:{env.get('PATH', '/usr/bin:/bin')}")
+    done = subprocess.run(
+        ["bash", "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+COMPLETE = """
+complete_words() { COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); _mailsh_completion mailsh;
+                   echo "${COMPREPLY[*]}"; }
+complete_words mailsh tr
+complete_words mailsh trust list --ho
+complete_words mailsh wait-reply ID --wait-t
+"""
+
+
+def test_bash_completion_from_show_completion(root: Path) -> None:
+    out = _bash("source <(mailsh --show-completion bash)" + COMPLETE, root)
+    assert out.splitlines() == ["trust", "--home", "--wait-timeout"]
+
+
+def test_install_completion_in_bash(root: Path) -> None:
+    said = _bash("mailsh --install-completion", root)
+    assert said.startswith("bash completion installed in ")
+    assert "source" in (root / ".bashrc").read_text()
+    out = _bash("source ~/.bashrc" + COMPLETE, root)
+    assert out.splitlines() == ["trust", "--home", "--wait-timeout"]
+
+
+@pytest.mark.parametrize(
+    ("shell", "env", "expected"),
+    [
+        ("zsh", {"_TYPER_COMPLETE_ARGS": "mailsh tr"}, '"trust":'),
+        (
+            "fish",
+            {"_TYPER_COMPLETE_ARGS": "mailsh keys ", "_TYPER_COMPLETE_FISH_ACTION": "get-args"},
+            "export\tExport this home's public key",
+        ),
+    ],
+)
+def test_zsh_and_fish_completion(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    shell: str,
+    env: dict[str, str],
+    expected: str,
+) -> None:
+    """zsh and fish are not installed here: this checks their script, then asks mailsh
+    for completions exactly as that script does (same variables, same protocol)."""
+    script = cli(capsys, "--show-completion", shell)
+    assert script.code == 0
+    assert "_MAILSH_COMPLETE=complete_" + shell in script.out
+    assert "_TYPER_COMPLETE_ARGS" in script.out
+    monkeypatch.setenv("_MAILSH_COMPLETE", f"complete_{shell}")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    answered = cli(capsys)
+    assert answered.code == 0
+    assert expected in answered.out
+
+
+def test_show_completion_for_an_unknown_shell(capsys: pytest.CaptureFixture[str]) -> None:
+    result = cli(capsys, "--show-completion", "tcsh")
+    assert result.code == 2
+    assert "'tcsh' is not one of 'bash', 'zsh', 'fish'" in result.err
