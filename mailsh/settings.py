@@ -166,12 +166,20 @@ class Settings(BaseSettings):
         if self.passphrase_file is None:
             return None
         try:
-            return self.passphrase_file.read_text(encoding="utf-8").rstrip("\r\n")
+            passphrase = self.passphrase_file.read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
             raise ConfigError(
                 f"cannot read passphrase file {self.passphrase_file}: {exc.strerror}",
                 hint="check --passphrase-file / MAILSH_PASSPHRASE_FILE",
             ) from exc
+        # gpg reads a passphrase up to the first newline; in key generation a newline
+        # would even start a new parameter line. Refuse instead of cutting it short.
+        if "\n" in passphrase or "\r" in passphrase:
+            raise ConfigError(
+                f"passphrase file {self.passphrase_file} holds more than one line",
+                hint="put the passphrase alone on the first line",
+            )
+        return passphrase
 
 
 # Settings that are one choice among alternatives: where the replies arrive, and how mail

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Home
+from tests.integration.serverkit import Sink, replies_for, request
 from tests.integration.test_cli_options import cli
 
 
@@ -140,31 +141,29 @@ def test_keygen_accepts_every_documented_lifetime(expire: str) -> None:
 
 
 def test_a_gpg_failure_is_one_line_and_debug_shows_gpgs_output(
-    capsys: pytest.CaptureFixture[str], scratch: Path, server: Home
+    capsys: pytest.CaptureFixture[str], scratch: Path
 ) -> None:
-    """A real gpg failure: the key is protected and the passphrase file is wrong."""
-    home = str(scratch / "h")
-    (scratch / "good").write_text("right horse battery\n")
-    (scratch / "bad").write_text("wrong\n")
-    made = cli(
-        capsys, "keygen", "--email", "me@example.org", "--passphrase-file", "good", "--home", home
-    )
-    assert made.code == 0, made.err
-    assert cli(capsys, "trust", "add", str(server.pubkey), "--home", home).code == 0
-    send = ["send", "--to", server.email, "--sendmail", "/bin/true", "id", "--home", home]
+    """A real gpg failure: the home's keyring is damaged, so gpg cannot store a key."""
+    home = scratch / "h"
+    (home / "gnupg").mkdir(mode=0o700, parents=True)
+    (home / "gnupg" / "pubring.kbx").write_bytes(b"not a keyring\n" * 64)
+    keygen = ["keygen", "--email", "me@example.org", "--home", str(home)]
 
-    plain = cli(capsys, *send, "--passphrase-file", "bad")
+    plain = cli(capsys, *keygen)
     assert plain.code == 255
-    first, hint = _one_failure(plain.err)
-    assert "Bad passphrase" in first
-    assert "--passphrase-file" in hint
+    lines = plain.err.strip().splitlines()
+    first, hint = _one_failure("\n".join(lines[-2:]))
+    assert "Traceback" not in plain.err
+    assert first.startswith("mailsh: gpg could not generate a key: gpg: ")
+    assert hint == "  next: run again with --debug to see gpg's output"
 
-    debug = cli(capsys, *send, "--passphrase-file", "bad", "--debug")
+    debug = cli(capsys, *keygen, "--debug")
     assert debug.code == 255
     assert "Traceback" in debug.err
     output = debug.err.split("gpg's output:\n", 1)[1]
-    assert "[GNUPG:] FAILURE" in output  # gpg's own status lines, verbatim
-    assert "gpg: signing failed: Bad passphrase" in output
+    assert "[GNUPG:] KEY_NOT_CREATED" in output  # gpg's own status lines, verbatim
+    assert "gpg: key generation failed: Invalid packet" in output
+    assert output.strip().splitlines()[-2:] == [first, hint]
 
 
 # -- unexpected exceptions and usage errors --------------------------------------------
@@ -210,3 +209,65 @@ def test_a_bad_command_line_is_one_line_and_exit_2(
     first, hint = _one_failure(result.err)
     assert message in first
     assert hint == f"  next: see {command} --help"
+
+
+# -- what a timed-out command reports (docs/client.md, "Exit codes") ---------------------
+
+
+def test_a_timed_out_command_reports_sigterm_so_the_client_exits_143(
+    alice: Home, srv: Home, sink: Sink, tmp_path: Path
+) -> None:
+    """The server stops a command at its limit with SIGTERM first: the reply says signal
+    15, and wait-reply / send --wait exit 128+15 = 143 (not 137)."""
+    from mailsh.client.wait import exit_status, notes
+
+    sealed = request(alice, srv, "sleep 300", timeout=1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSH_")}
+    env["MAILSH_HOME"] = str(srv.path)
+    mailsh = [sys.executable, "-m", "mailsh"]
+    delivered = subprocess.run(
+        [*mailsh, "deliver"],
+        input=sealed.mail,
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert delivered.returncode == 0, delivered.stderr
+    served = subprocess.run(
+        [
+            *mailsh,
+            "serve",
+            "--spool-only",
+            "--once",
+            "--smtp",
+            sink.url,
+            "--workdir",
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert served.returncode == 0, served.stderr
+    [reply] = replies_for(alice, srv, sealed, sink)
+    assert (reply.timed_out, reply.signal, reply.exit_code) == (True, 15, None)
+    assert exit_status(reply) == 143
+    assert "timed out and was killed by signal 15" in notes(reply)[0]
+
+
+def test_keygen_refuses_a_passphrase_of_several_lines(
+    capsys: pytest.CaptureFixture[str], scratch: Path
+) -> None:
+    """A newline in the passphrase used to become a line of gpg's key parameters."""
+    (scratch / "pass").write_text("first\nName-Email: evil@example.org\n")
+    home = scratch / "h"
+    result = cli(
+        capsys, "keygen", "--email", "me@example.org", "--passphrase-file", "pass",
+        "--home", str(home),
+    )  # fmt: skip
+    assert result.code == 255
+    first, _ = _one_failure(result.err)
+    assert first == f"mailsh: passphrase file {Path('pass')} holds more than one line"
+    assert "generating" not in result.err

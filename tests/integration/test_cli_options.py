@@ -367,15 +367,15 @@ complete_words mailsh wait-reply ID --wait-t
 """
 
 
-def test_bash_completion_from_show_completion(root: Path) -> None:
-    out = _bash("source <(mailsh --show-completion bash)" + COMPLETE, root)
-    assert out.splitlines() == ["trust", "--home", "--wait-timeout"]
-
-
-def test_install_completion_in_bash(root: Path) -> None:
+def test_install_completion_in_bash(capsys: pytest.CaptureFixture[str], root: Path) -> None:
+    """Installed from a real bash, then used by one: the script completes commands and
+    options (global ones after a subcommand too)."""
     said = _bash("mailsh --install-completion", root)
     assert said.startswith("bash completion installed in ")
-    assert "source" in (root / ".bashrc").read_text()
+    installed = root / ".bash_completions" / "mailsh.sh"
+    assert f"source '{installed}'" in (root / ".bashrc").read_text()
+    # --show-completion bash prints the same script, for installing by hand.
+    assert cli(capsys, "--show-completion", "bash").out.strip() == installed.read_text().strip()
     out = _bash("source ~/.bashrc" + COMPLETE, root)
     assert out.splitlines() == ["trust", "--home", "--wait-timeout"]
 
