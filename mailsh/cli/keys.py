@@ -71,6 +71,12 @@ def keygen(
     if algo not in ("ed25519", "rsa3072", "rsa4096"):
         raise usage_error(f"unknown --algo {algo!r}", "use ed25519, rsa3072 or rsa4096")
     _check_expire(expire)
+    target = output or Path(f"{email}.asc")
+    if not target.parent.is_dir():
+        raise usage_error(
+            f"cannot write the public key to {target}: {target.parent} is not a directory",
+            "choose another --output FILE",
+        )
     if name is not None and (not name.isprintable() or "<" in name or ">" in name):
         raise usage_error(
             f"--name {name!r} cannot be part of a user id",
@@ -92,10 +98,22 @@ def keygen(
         passphrase=passphrase,
         force=force,
     )
-    target = output or Path(f"{email}.asc")
-    target.write_text(ident.export_public(gpg, identity.fingerprint), encoding="utf-8")
+    _write_key(
+        target,
+        ident.export_public(gpg, identity.fingerprint),
+        "the key was made; write it elsewhere with: mailsh keys export -o FILE",
+    )
     typer.echo(identity.fingerprint)
     say(f"public key written to {target}; on the other side run: mailsh trust add {target}")
+
+
+def _write_key(path: Path, armored: str, hint: str) -> None:
+    from mailsh.errors import ConfigError
+
+    try:
+        path.write_text(armored, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}", hint=hint) from exc
 
 
 _EXPIRE = re.compile(r"(0|never|none|[1-9][0-9]{0,5}[dwmy]?|(\d{4}-\d{2}-\d{2}))")
@@ -164,7 +182,7 @@ def keys_export(
     if output is None:
         typer.echo(armored, nl=False)
     else:
-        output.write_text(armored, encoding="utf-8")
+        _write_key(output, armored, "choose another --output FILE")
         say(f"public key written to {output}")
 
 

@@ -271,3 +271,25 @@ def test_keygen_refuses_a_passphrase_of_several_lines(
     first, _ = _one_failure(result.err)
     assert first == f"mailsh: passphrase file {Path('pass')} holds more than one line"
     assert "generating" not in result.err
+
+
+def test_a_public_key_that_cannot_be_written_is_one_line(
+    capsys: pytest.CaptureFixture[str], scratch: Path, alice: Home
+) -> None:
+    missing = scratch / "no-such-dir" / "key.asc"
+    home = scratch / "h"
+    refused = cli(
+        capsys, "keygen", "--email", "me@example.org", "-o", str(missing), "--home", str(home)
+    )
+    assert refused.code == 2
+    first, _ = _one_failure(refused.err)
+    assert (
+        first
+        == f"mailsh: cannot write the public key to {missing}: {missing.parent} is not a directory"
+    )
+    assert not home.exists()  # checked before anything was generated
+
+    exported = cli(capsys, "keys", "export", "-o", str(missing), "--home", str(alice.path))
+    assert exported.code == 255
+    first, _ = _one_failure(exported.err)
+    assert first == f"mailsh: cannot write {missing}: No such file or directory"
