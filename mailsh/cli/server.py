@@ -40,7 +40,9 @@ def serve(
     mbox: Annotated[
         Optional[list[Path]],  # noqa: UP045
         typer.Option(
-            "--mbox", metavar="PATH", help="An mbox to take mail from (e.g. /var/mail/root)."
+            "--mbox",
+            metavar="PATH",
+            help="An mbox to take mail from (e.g. /var/mail/root). Repeatable.",
         ),
     ] = None,
     maildir: Annotated[
@@ -88,7 +90,10 @@ def serve(
     run_as: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(
-            "--run-as", metavar="USER", envvar="MAILSH_RUN_AS", help="Run commands as this user."
+            "--run-as",
+            metavar="USER",
+            envvar="MAILSH_RUN_AS",
+            help="Run commands as this user [the user running serve].",
         ),
     ] = None,
     workdir: Annotated[

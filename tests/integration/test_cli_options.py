@@ -55,6 +55,8 @@ def root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="mso.", dir="/tmp"))
     monkeypatch.chdir(path)
     yield path
+    for gnupg in path.glob("*/gnupg"):  # the agents of the homes a test made keys in
+        subprocess.run(["gpgconf", "--homedir", str(gnupg), "--kill", "all"], check=False)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -416,3 +418,38 @@ def test_show_completion_for_an_unknown_shell(capsys: pytest.CaptureFixture[str]
     result = cli(capsys, "--show-completion", "tcsh")
     assert result.code == 2
     assert "'tcsh' is not one of 'bash', 'zsh', 'fish'" in result.err
+
+
+@pytest.mark.parametrize(
+    ("words", "footer"),
+    [
+        (["send"], "Exit codes: the remote command's status"),
+        (["wait-reply"], "Exit codes: the remote command's status"),
+        (["demo"], "Exit codes: the remote command's status"),
+        (["deliver"], "75 temporary failure"),
+        (["keygen"], None),
+        (["serve"], None),
+        (["trust", "add"], None),
+    ],
+)
+def test_exit_code_footers_only_where_those_codes_apply(
+    capsys: pytest.CaptureFixture[str], words: list[str], footer: str | None
+) -> None:
+    out = " ".join(cli(capsys, *words, "--help").out.split())
+    if footer is None:
+        assert "Exit codes" not in out
+    else:
+        assert footer in out
+        assert ("deliver" in words) == ("75" in out)
+
+
+def test_keygen_name_default_is_described_as_it_is(
+    capsys: pytest.CaptureFixture[str], root: Path
+) -> None:
+    out = " ".join(cli(capsys, "keygen", "--help").out.split())
+    assert "--name NAME Name in the user id [the part of the address before the @]" in out
+    home = root / "h"
+    made = cli(capsys, "keygen", "--email", "ann.lee@example.org", "--home", str(home))
+    assert made.code == 0, made.err
+    uids = cli(capsys, "keys", "show", "--home", str(home)).out
+    assert "uid ann.lee <ann.lee@example.org>" in uids
