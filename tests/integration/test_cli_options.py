@@ -115,7 +115,7 @@ HOME_AFTER = {
     "send": ["send", "--to", "srv@example.org", "id"],
     "wait-reply": ["wait-reply", "0123456789abcdef"],
     "keygen": ["keygen", "--email", "me@example.org"],
-    "serve": ["serve", "--spool-only", "--once"],
+    "serve": ["serve", "--spool-only", "--mbox", "m"],  # refused before logging is set up
     "status": ["status"],
     "deliver": ["deliver"],
     "keys show": ["keys", "show"],
@@ -294,30 +294,37 @@ def test_wait_reply_with_two_mailbox_flags_names_them(
 
 
 def test_a_transport_flag_replaces_the_environment_and_the_file(
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
     make_home: Callable[..., Home],
 ) -> None:
     """MAILSH_SMTP (which typer also reads for --smtp) and smtp in mailsh.toml give way
-    to --sendmail: serve starts instead of refusing two ways to send mail."""
+    to --sendmail: serve starts instead of refusing two ways to send mail. (serve runs
+    as a subprocess: it sets up logging and signal handlers.)"""
     srv = make_home("precedence@server.test")
-    monkeypatch.chdir(srv.path)
-    for name in [n for n in os.environ if n.startswith("MAILSH_")]:
-        monkeypatch.delenv(name)
-    (srv.path / "mailsh.toml").write_text('smtp = "smtp://127.0.0.1:1"\n')
-    monkeypatch.setenv("MAILSH_SMTP", "smtp://127.0.0.1:2")
-    serve = ["serve", "--spool-only", "--once", "--home", str(srv.path)]
-    result = cli(capsys, *serve, "--sendmail", "/bin/true")
-    assert result.code == 0, result.err
-    # The same two sources, and --smtp from the environment alone: also no conflict.
-    (srv.path / "mailsh.toml").write_text('sendmail = "/bin/true"\n')
-    assert cli(capsys, *serve).code == 0
+    toml = srv.path / "mailsh.toml"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MAILSH_")}
+
+    def serve(*extra: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "mailsh", "serve", "--spool-only", "--once", *extra],
+            env={**base, "MAILSH_HOME": str(srv.path), **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    toml.write_text('smtp = "smtp://127.0.0.1:1"\n')
+    started = serve("--sendmail", "/bin/true", MAILSH_SMTP="smtp://127.0.0.1:2")
+    assert started.returncode == 0, started.stderr
+    # The environment against the file, each with another kind: no conflict either.
+    toml.write_text('sendmail = "/bin/true"\n')
+    started = serve(MAILSH_SMTP="smtp://127.0.0.1:2")
+    assert started.returncode == 0, started.stderr
     # Two in the same source are still a mistake, named as such.
-    monkeypatch.delenv("MAILSH_SMTP")
-    (srv.path / "mailsh.toml").write_text('smtp = "smtp://h"\nsendmail = "/bin/true"\n')
-    refused = cli(capsys, *serve)
-    assert refused.code == 255
-    assert "smtp and sendmail are both set in" in refused.err
+    toml.write_text('smtp = "smtp://h"\nsendmail = "/bin/true"\n')
+    refused = serve()
+    assert refused.returncode == 255
+    assert f"mailsh: smtp and sendmail are both set in {toml}" in refused.stderr
 
 
 @pytest.mark.parametrize("option", ["--wait-timeout", "--timeout"])
