@@ -24,8 +24,11 @@ def _listen(value: str | None) -> tuple[str, int] | None:
     if value is None:
         return None
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise usage_error(f"bad --smtp-listen {value!r}", "use HOST:PORT, e.g. 127.0.0.1:2525")
+    if not sep or not port.isdigit() or not host or int(port) > 65535:
+        raise usage_error(
+            f"bad --smtp-listen {value!r}",
+            "use HOST:PORT with a port up to 65535, e.g. 127.0.0.1:2525",
+        )
     return host.strip("[]"), int(port)
 
 
@@ -198,13 +201,14 @@ def serve(
             "mailsh serve --mbox /var/mail/root   (or --maildir DIR / --smtp-listen HOST:PORT"
             " / --spool-only for `mailsh deliver`)",
         )
+    listen = _listen(smtp_listen)  # checked before anything starts
     _setup_logging(settings.log_format)
     server = Server(
         settings,
         ServeOptions(
             mboxes=list(mbox or []),
             maildirs=list(maildir or []),
-            smtp_listen=_listen(smtp_listen),
+            smtp_listen=listen,
             once=once,
             poll_interval=poll_interval,
             shutdown_grace=shutdown_grace,

@@ -106,6 +106,16 @@ def test_serve_on_an_address_that_is_not_ours(server_home: Home, listen: str, re
     assert first.startswith(f"mailsh: cannot listen on {listen}: {reason}"), first
 
 
+@pytest.mark.parametrize("listen", ["127.0.0.1:70000", "127.0.0.1", ":2525"])
+def test_serve_refuses_a_listen_address_that_cannot_be_one(
+    capsys: pytest.CaptureFixture[str], scratch: Path, listen: str
+) -> None:
+    result = cli(capsys, "serve", "--smtp-listen", listen, "--home", str(scratch / "h"))
+    assert result.code == 2
+    first, _ = _one_failure(result.err)
+    assert first == f"mailsh: bad --smtp-listen {listen!r}"
+
+
 # -- keygen: values checked before gpg runs --------------------------------------------
 
 
