@@ -62,7 +62,14 @@ class DependencyError(MailshError):
 
 
 class GpgError(MailshError):
-    """GnuPG failed to do something it should have done."""
+    """GnuPG failed to do something it should have done.
+
+    ``gpg_output`` is gpg's own stderr when there is one: ``--debug`` shows it.
+    """
+
+    def __init__(self, message: str, *, hint: str | None = None, gpg_output: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.gpg_output = gpg_output
 
 
 class IdentityError(MailshError):

@@ -167,19 +167,92 @@ class Settings(BaseSettings):
         if self.passphrase_file is None:
             return None
         try:
-            return self.passphrase_file.read_text(encoding="utf-8").rstrip("\r\n")
+            passphrase = self.passphrase_file.read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
             raise ConfigError(
                 f"cannot read passphrase file {self.passphrase_file}: {exc.strerror}",
                 hint="check --passphrase-file / MAILSH_PASSPHRASE_FILE",
             ) from exc
+        # gpg reads a passphrase up to the first newline; in key generation a newline
+        # would even start a new parameter line. Refuse instead of cutting it short.
+        if "\n" in passphrase or "\r" in passphrase:
+            raise ConfigError(
+                f"passphrase file {self.passphrase_file} holds more than one line",
+                hint="put the passphrase alone on the first line",
+            )
+        return passphrase
+
+
+# Settings that are one choice among alternatives: where the replies arrive, and how mail
+# leaves. Precedence applies to the choice as a whole: a source that sets any of them
+# replaces whatever a lower source chose, whatever its kind (`--mbox` on the command line
+# wins over `reply_maildir` in mailsh.toml; MAILSH_SENDMAIL wins over `smtp` there).
+OPTION_FAMILIES: dict[str, tuple[str, ...]] = {
+    "reply mailboxes": ("reply_mbox", "reply_maildir", "reply_imap"),
+    "ways to send mail": ("smtp", "sendmail"),
+}
+FAMILY_FLAGS = {
+    "reply_mbox": "--mbox",
+    "reply_maildir": "--maildir",
+    "reply_imap": "--imap",
+    "smtp": "--smtp",
+    "sendmail": "--sendmail",
+}
+
+
+def _env_names() -> set[str]:
+    return {name.upper() for name in os.environ}
+
+
+def family_overrides(given: dict[str, Any]) -> dict[str, None]:
+    """The family members to clear because a higher source chose another one.
+
+    The flags the user gave (``given``) decide a family if they name any of its members;
+    otherwise the ``MAILSH_*`` environment does; otherwise the file or the defaults.
+    """
+    env = _env_names()
+    cleared: dict[str, None] = {}
+    for family in OPTION_FAMILIES.values():
+        for chosen in (
+            [name for name in family if name in given],
+            [name for name in family if f"MAILSH_{name.upper()}" in env],
+        ):
+            if chosen:
+                cleared.update({name: None for name in family if name not in chosen})
+                break
+    return cleared
+
+
+def _check_families(settings: Settings, given: dict[str, Any]) -> None:
+    """Two members of a family set by the same source: say which, and where."""
+    for what, family in OPTION_FAMILIES.items():
+        chosen = [name for name in family if getattr(settings, name) is not None]
+        if len(chosen) < 2:
+            continue
+        if chosen[0] in given:
+            flags = " and ".join(FAMILY_FLAGS[name] for name in chosen)
+            raise ConfigError(f"{flags} were both given", hint=f"give only one of {flags}")
+        if f"MAILSH_{chosen[0].upper()}" in _env_names():
+            names = " and ".join(f"MAILSH_{name.upper()}" for name in chosen)
+            raise ConfigError(
+                f"{names} are both set; several {what} are configured",
+                hint="unset all but one (a command-line flag such as "
+                f"{FAMILY_FLAGS[chosen[0]]} also overrides them)",
+            )
+        names = " and ".join(chosen)
+        toml = settings.home / CONFIG_FILE_NAME
+        raise ConfigError(
+            f"{names} are both set in {toml}; several {what} are configured",
+            hint=f"keep one of them in {toml} (a command-line flag such as "
+            f"{FAMILY_FLAGS[chosen[0]]} also overrides them)",
+        )
 
 
 def load_settings(**flags: Any) -> Settings:
     """Build settings from the flags the user gave (``None`` means "not given")."""
     given = {k: v for k, v in flags.items() if v is not None}
     try:
-        settings = Settings(**given)
+        settings = Settings(**family_overrides(given), **given)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "settings"
@@ -188,7 +261,9 @@ def load_settings(**flags: Any) -> Settings:
             hint=f"check the --{where.replace('_', '-')} flag, MAILSH_{where.upper()} "
             f"or {CONFIG_FILE_NAME}",
         ) from exc
-    return settings.model_copy(update={"home": settings.home.expanduser().absolute()})
+    settings = settings.model_copy(update={"home": settings.home.expanduser().absolute()})
+    _check_families(settings, given)
+    return settings
 
 
 def _check_private(path: Path, what: str, st: os.stat_result) -> None:

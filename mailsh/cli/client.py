@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 import typer
 
 from mailsh.cli import (
-    EXIT_CODES_HELP,
+    REMOTE_EXIT_CODES_HELP,
+    GlobalOpts,
     SendmailOpt,
     SmtpCaOpt,
     SmtpOpt,
@@ -102,7 +103,7 @@ def _flag(value: bool) -> bool | None:
     return True if value else None
 
 
-@app.command(epilog=EXIT_CODES_HELP)
+@app.command(epilog=REMOTE_EXIT_CODES_HELP)
 def send(
     command: Annotated[
         list[str],
@@ -250,7 +251,7 @@ def send(
     _wait_and_render(settings, sent.pending, json_out=json_out, source=source, sent=True)
 
 
-@app.command("wait-reply", epilog=EXIT_CODES_HELP)
+@app.command("wait-reply", epilog=REMOTE_EXIT_CODES_HELP)
 def wait_reply(
     request_id: Annotated[
         str, typer.Argument(metavar="ID", help="The request id that mailsh send printed.")
@@ -259,15 +260,24 @@ def wait_reply(
     maildir: MaildirOpt = None,
     imap: ImapOpt = None,
     imap_ca_file: ImapCaOpt = None,
-    timeout: Annotated[
+    wait_timeout: Annotated[
         Optional[float],  # noqa: UP045
         typer.Option(
-            "--timeout",
+            "--wait-timeout",
             metavar="S",
             envvar="MAILSH_WAIT_TIMEOUT",
             min=0,
             help="Give up after S seconds [600] (exit 255; the request may still run).",
             show_default=False,
+        ),
+    ] = None,
+    old_timeout: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            "--timeout",
+            min=0,
+            hidden=True,
+            help="The old name of --wait-timeout (--timeout is the remote command's limit).",
         ),
     ] = None,
     json_out: JsonOpt = False,
@@ -281,12 +291,18 @@ def wait_reply(
     """
     from mailsh.client.pending import PendingStore
 
+    if old_timeout is not None and "MAILSH_WAIT_TIMEOUT" in GlobalOpts.from_env:
+        # --timeout on the command line beats the variable typer read for --wait-timeout.
+        GlobalOpts.from_env -= {"MAILSH_WAIT_TIMEOUT"}
+        wait_timeout = old_timeout
+    elif wait_timeout is None:
+        wait_timeout = old_timeout
     settings = settings_from(
         reply_mbox=mbox,
         reply_maildir=maildir,
         reply_imap=imap,
         imap_ca_file=imap_ca_file,
-        wait_timeout=timeout,
+        wait_timeout=wait_timeout,
         passphrase_file=passphrase_file,
     )
     record = PendingStore(settings.home).load(request_id)

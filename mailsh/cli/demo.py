@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-from mailsh.cli import app, say
+from mailsh.cli import REMOTE_EXIT_CODES_HELP, app, say
 
 
-@app.command()
+@app.command(epilog=REMOTE_EXIT_CODES_HELP)
 def demo(
     command: Annotated[
         str, typer.Argument(help="The command to run on the demo server.")
@@ -17,7 +17,16 @@ def demo(
     keep: Annotated[
         bool, typer.Option("--keep", help="Keep the temporary homes to look at afterwards.")
     ] = False,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait.")] = 120.0,
+    wait_timeout: Annotated[
+        float,
+        typer.Option(
+            "--wait-timeout", metavar="S", help="Give up waiting for the reply after S seconds."
+        ),
+    ] = 120.0,
+    old_timeout: Annotated[
+        Optional[float],  # noqa: UP045 - typer needs Optional at runtime on 3.11
+        typer.Option("--timeout", hidden=True, help="The old name of --wait-timeout."),
+    ] = None,
 ) -> None:
     """Run COMMAND through a real round trip: keys, serve, SMTP, reply — all local.
 
@@ -29,6 +38,7 @@ def demo(
     from mailsh.cli.client import render_reply
     from mailsh.demo import run_demo
 
+    timeout = wait_timeout if old_timeout is None else old_timeout
     result = run_demo(command, keep=keep, timeout=timeout, progress=lambda m: say(f"demo: {m}"))
     say(f"demo: reply to request {result.request_id} verified; remote output follows")
     say("demo: step timings:")

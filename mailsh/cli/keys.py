@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,25 +15,45 @@ from mailsh.cli import app, gpg_for, keys_app, say, settings_from, trust_app, us
 
 @app.command()
 def keygen(
-    email: Annotated[str, typer.Option("--email", help="Address this identity uses.")],
+    email: Annotated[
+        str, typer.Option("--email", metavar="ADDR", help="Address this identity uses.")
+    ],
     name: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option("--name", help="Real name in the user id (default: the address)."),
+        typer.Option(
+            "--name",
+            metavar="NAME",
+            help="Name in the user id [the part of the address before the @].",
+            show_default=False,
+        ),
     ] = None,
     algo: Annotated[
-        str, typer.Option("--algo", help="ed25519 (default), rsa3072 or rsa4096.")
+        str, typer.Option("--algo", metavar="ALGO", help="ed25519, rsa3072 or rsa4096.")
     ] = "ed25519",
     expire: Annotated[
-        str, typer.Option("--expire", help="Key lifetime, gpg syntax (2y, 90d, 0 = never).")
+        str,
+        typer.Option(
+            "--expire",
+            metavar="WHEN",
+            help="Key lifetime: N days, weeks, months or years (90d, 12w, 6m, 2y), an end "
+            "date (YYYY-MM-DD), or 0 / never.",
+        ),
     ] = "2y",
     output: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option("--output", "-o", help="Where to write the public key [./EMAIL.asc]."),
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="FILE",
+            help="Where to write the public key [./EMAIL.asc].",
+            show_default=False,
+        ),
     ] = None,
     passphrase_file: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option(
             "--passphrase-file",
+            metavar="FILE",
             envvar="MAILSH_PASSPHRASE_FILE",
             help="Protect the key with the passphrase in this file (used unattended).",
         ),
@@ -49,6 +70,18 @@ def keygen(
 
     if algo not in ("ed25519", "rsa3072", "rsa4096"):
         raise usage_error(f"unknown --algo {algo!r}", "use ed25519, rsa3072 or rsa4096")
+    _check_expire(expire)
+    target = output or Path(f"{email}.asc")
+    if not target.parent.is_dir():
+        raise usage_error(
+            f"cannot write the public key to {target}: {target.parent} is not a directory",
+            "choose another --output FILE",
+        )
+    if name is not None and (not name.isprintable() or "<" in name or ">" in name):
+        raise usage_error(
+            f"--name {name!r} cannot be part of a user id",
+            "use printable characters without < and > (the address is added in <...>)",
+        )
     email = validate_address(email)
     settings = settings_from(passphrase_file=passphrase_file)
     passphrase = settings.passphrase()
@@ -65,10 +98,46 @@ def keygen(
         passphrase=passphrase,
         force=force,
     )
-    target = output or Path(f"{email}.asc")
-    target.write_text(ident.export_public(gpg, identity.fingerprint), encoding="utf-8")
+    _write_key(
+        target,
+        ident.export_public(gpg, identity.fingerprint),
+        "the key was made; write it elsewhere with: mailsh keys export -o FILE",
+    )
     typer.echo(identity.fingerprint)
     say(f"public key written to {target}; on the other side run: mailsh trust add {target}")
+
+
+def _write_key(path: Path, armored: str, hint: str) -> None:
+    from mailsh.errors import ConfigError
+
+    try:
+        path.write_text(armored, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}", hint=hint) from exc
+
+
+_EXPIRE = re.compile(r"(0|never|none|[1-9][0-9]{0,5}[dwmy]?|(\d{4}-\d{2}-\d{2}))")
+
+
+def _check_expire(expire: str) -> None:
+    """Refuse what gpg would refuse (or read differently) before anything is generated."""
+    match = _EXPIRE.fullmatch(expire.strip().lower())
+    if match is None:
+        raise usage_error(
+            f"--expire {expire!r} is not a key lifetime",
+            "use e.g. 2y, 6m, 12w or 90d, an end date YYYY-MM-DD, or 0 (never expires)",
+        )
+    if match.group(2) is not None:
+        from datetime import date
+
+        try:
+            end = date.fromisoformat(match.group(2))
+        except ValueError:
+            raise usage_error(f"--expire {expire!r} is not a date", "use YYYY-MM-DD") from None
+        if end <= date.today():
+            raise usage_error(
+                f"--expire {expire} is not in the future", "give a later date, or e.g. 2y"
+            )
 
 
 @keys_app.command("show")
@@ -100,7 +169,9 @@ def keys_show(
 def keys_export(
     output: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option("--output", "-o", help="File to write (default: stdout)."),
+        typer.Option(
+            "--output", "-o", metavar="FILE", help="File to write [stdout].", show_default=False
+        ),
     ] = None,
 ) -> None:
     """Export this home's public key (armored) for the other side's `mailsh trust add`."""
@@ -111,7 +182,7 @@ def keys_export(
     if output is None:
         typer.echo(armored, nl=False)
     else:
-        output.write_text(armored, encoding="utf-8")
+        _write_key(output, armored, "choose another --output FILE")
         say(f"public key written to {output}")
 
 
@@ -123,7 +194,12 @@ def trust_add(
     key_file: Annotated[Path, typer.Argument(help="An exported public key (armored).")],
     reply_to: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option("--reply-to", help="Address replies to this key go to [its uid email]."),
+        typer.Option(
+            "--reply-to",
+            metavar="ADDR",
+            help="Address replies to this key go to [its uid email].",
+            show_default=False,
+        ),
     ] = None,
     allow_plain_scripts: Annotated[
         bool,

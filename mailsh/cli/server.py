@@ -24,8 +24,11 @@ def _listen(value: str | None) -> tuple[str, int] | None:
     if value is None:
         return None
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise usage_error(f"bad --smtp-listen {value!r}", "use HOST:PORT, e.g. 127.0.0.1:2525")
+    if not sep or not port.isdigit() or not host or int(port) > 65535:
+        raise usage_error(
+            f"bad --smtp-listen {value!r}",
+            "use HOST:PORT with a port up to 65535, e.g. 127.0.0.1:2525",
+        )
     return host.strip("[]"), int(port)
 
 
@@ -40,7 +43,9 @@ def serve(
     mbox: Annotated[
         Optional[list[Path]],  # noqa: UP045
         typer.Option(
-            "--mbox", metavar="PATH", help="An mbox to take mail from (e.g. /var/mail/root)."
+            "--mbox",
+            metavar="PATH",
+            help="An mbox to take mail from (e.g. /var/mail/root). Repeatable.",
         ),
     ] = None,
     maildir: Annotated[
@@ -81,20 +86,30 @@ def serve(
     ] = False,
     workers: Annotated[
         Optional[int],  # noqa: UP045
-        typer.Option("--workers", envvar="MAILSH_WORKERS", help="Concurrent commands [1]."),
+        typer.Option(
+            "--workers", metavar="N", envvar="MAILSH_WORKERS", help="Concurrent commands [1]."
+        ),
     ] = None,
     run_as: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option("--run-as", envvar="MAILSH_RUN_AS", help="Run commands as this user."),
+        typer.Option(
+            "--run-as",
+            metavar="USER",
+            envvar="MAILSH_RUN_AS",
+            help="Run commands as this user [the user running serve].",
+        ),
     ] = None,
     workdir: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option("--workdir", envvar="MAILSH_WORKDIR", help="Commands' working dir [/]."),
+        typer.Option(
+            "--workdir", metavar="DIR", envvar="MAILSH_WORKDIR", help="Commands' working dir [/]."
+        ),
     ] = None,
     command_timeout: Annotated[
         Optional[float],  # noqa: UP045
         typer.Option(
             "--command-timeout",
+            metavar="S",
             envvar="MAILSH_COMMAND_TIMEOUT",
             help="Default wall-clock limit per command, seconds [60].",
         ),
@@ -103,6 +118,7 @@ def serve(
         Optional[float],  # noqa: UP045
         typer.Option(
             "--max-command-timeout",
+            metavar="S",
             envvar="MAILSH_MAX_COMMAND_TIMEOUT",
             help="Cap on what a request may ask for, seconds [3600].",
         ),
@@ -111,6 +127,7 @@ def serve(
         Optional[int],  # noqa: UP045
         typer.Option(
             "--max-output-bytes",
+            metavar="BYTES",
             envvar="MAILSH_MAX_OUTPUT_BYTES",
             help="Output kept per stream (stdout, stderr) [1 MiB].",
         ),
@@ -124,18 +141,29 @@ def serve(
         ),
     ] = None,
     poll_interval: Annotated[
-        float, typer.Option("--poll-interval", help="Polling fallback when inotify is absent.")
+        float,
+        typer.Option(
+            "--poll-interval",
+            metavar="S",
+            help="Seconds between mailbox checks when inotify is absent.",
+        ),
     ] = 2.0,
     shutdown_grace: Annotated[
         float,
         typer.Option(
             "--shutdown-grace",
+            metavar="S",
             help="On SIGTERM, let running commands finish this long (seconds).",
         ),
     ] = 30.0,
     log_format: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option("--log-format", envvar="MAILSH_LOG_FORMAT", help="text or json [text]."),
+        typer.Option(
+            "--log-format",
+            metavar="FORMAT",
+            envvar="MAILSH_LOG_FORMAT",
+            help="text or json [text].",
+        ),
     ] = None,
 ) -> None:
     """Run commands that arrive as signed mail, and mail back signed, encrypted results.
@@ -173,13 +201,14 @@ def serve(
             "mailsh serve --mbox /var/mail/root   (or --maildir DIR / --smtp-listen HOST:PORT"
             " / --spool-only for `mailsh deliver`)",
         )
+    listen = _listen(smtp_listen)  # checked before anything starts
     _setup_logging(settings.log_format)
     server = Server(
         settings,
         ServeOptions(
             mboxes=list(mbox or []),
             maildirs=list(maildir or []),
-            smtp_listen=_listen(smtp_listen),
+            smtp_listen=listen,
             once=once,
             poll_interval=poll_interval,
             shutdown_grace=shutdown_grace,
@@ -230,7 +259,10 @@ def status(
             typer.echo(f"{key}: {value}")
 
 
-@app.command()
+@app.command(
+    epilog="Exit codes: 0 the message is stored; 75 temporary failure, the MTA keeps the "
+    "message and retries; 73 the message is larger than max_message_bytes, the MTA bounces it."
+)
 def deliver() -> None:
     """Take one message on stdin into the server's spool (Postfix mailbox_command / pipe).
 

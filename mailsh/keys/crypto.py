@@ -198,5 +198,9 @@ def seal(
             if "passphrase" in (detail.lower())
             else "run with --debug to see gpg's output"
         )
-        raise GpgError(f"gpg could not sign/encrypt: {detail or result.status}", hint=hint)
+        raise GpgError(
+            f"gpg could not sign/encrypt: {detail or result.status}",
+            hint=hint,
+            gpg_output=result.stderr or "",
+        )
     return bytes(data)

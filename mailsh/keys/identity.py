@@ -112,9 +112,12 @@ def generate(
     key_input = gpg.raw.gen_key_input(**params)
     result = gpg.raw.gen_key(key_input)
     if not result.fingerprint:
+        stderr = result.stderr or ""
+        lines = [ln for ln in stderr.strip().splitlines() if not ln.startswith("[GNUPG:]")]
         raise GpgError(
-            f"gpg could not generate a key: {result.stderr.strip().splitlines()[-1:]}",
+            f"gpg could not generate a key: {lines[-1] if lines else result.status}",
             hint="run again with --debug to see gpg's output",
+            gpg_output=stderr,
         )
     return require_identity(gpg)
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
 import socket
 import threading
@@ -45,6 +46,8 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from mailsh.errors import TransportError
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +191,36 @@ async def _shutdown(server: asyncio.AbstractServer) -> None:
     await server.wait_closed()
 
 
+def listen_error(host: str, port: int, exc: OSError) -> TransportError:
+    """Why the listener cannot bind to HOST:PORT, and what to do, in the user's terms."""
+    where = f"{host}:{port}"
+    if isinstance(exc, socket.gaierror):
+        return TransportError(
+            f"cannot listen on {where}: the host name {host!r} does not resolve ({exc.strerror})",
+            hint="give an address of this machine, e.g. --smtp-listen 127.0.0.1:2525",
+        )
+    if exc.errno == errno.EADDRINUSE:
+        return TransportError(
+            f"cannot listen on {where}: the port is already in use",
+            hint=f"choose another port, or find what uses it: ss -ltnp 'sport = :{port}'",
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return TransportError(
+            f"cannot listen on {where}: {host} is not an address of this machine",
+            hint="use one of `ip -brief address`, 127.0.0.1, or 0.0.0.0 for all",
+        )
+    if exc.errno == errno.EACCES:
+        return TransportError(
+            f"cannot listen on {where}: permission denied",
+            hint="ports below 1024 need root or CAP_NET_BIND_SERVICE; use e.g. port 2525 "
+            "behind your MTA",
+        )
+    return TransportError(
+        f"cannot listen on {where}: {exc.strerror or exc}",
+        hint="check --smtp-listen HOST:PORT",
+    )
+
+
 class SmtpListener:
     """An SMTP server on ``host:port`` feeding ``spool``, run in a background thread.
 
@@ -223,7 +256,8 @@ class SmtpListener:
     # -- lifecycle
 
     def start(self) -> None:
-        """Bind and start serving; raises :class:`OSError` if the address is unusable."""
+        """Bind and start serving; raises :class:`TransportError` (one line and a next
+        step, see :func:`listen_error`) if the address is unusable."""
         if self._running is not None:
             raise RuntimeError("SmtpListener already started")
         hostname = self._hostname or socket.getfqdn()
@@ -251,9 +285,11 @@ class SmtpListener:
             server = loop.run_until_complete(
                 loop.create_server(factory, host=self.host or None, port=self.port)
             )
-        except BaseException:
+        except BaseException as exc:
             loop.close()
             executor.shutdown(wait=False)
+            if isinstance(exc, OSError):
+                raise listen_error(self.host, self.port, exc) from exc
             raise
         self.port = server.sockets[0].getsockname()[1]
         thread = threading.Thread(

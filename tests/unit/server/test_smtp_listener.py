@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mailsh.errors import TransportError
 from mailsh.server.smtp_listener import SPOOL_SOURCE, SmtpListener, spool_id
 from mailsh.server.spool import Spool, SpooledMessage
 
@@ -288,7 +289,7 @@ def test_stop_with_idle_client_connected(spool: Spool) -> None:
 
 def test_start_on_busy_port_raises(spool: Spool, listener: SmtpListener) -> None:
     other = SmtpListener(host="127.0.0.1", port=listener.port, spool=spool, accept=_accept)
-    with pytest.raises(OSError):
+    with pytest.raises(TransportError, match="the port is already in use"):
         other.start()
 
 
