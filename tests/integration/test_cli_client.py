@@ -226,7 +226,7 @@ def test_answered_request_can_be_printed_again(
 # --------------------------------------------------------------------------- failures
 
 
-def test_wait_timeout_exits_255_and_says_how_to_check_later(
+def test_wait_timeout_exits_255_and_says_how_to_check_each_usual_cause(
     run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path
 ) -> None:
     _, url = sink
@@ -234,8 +234,15 @@ def test_wait_timeout_exits_255_and_says_how_to_check_later(
     rid = _send(run, rig, url)
     code, out, err = run("wait-reply", rid, "--mbox", str(mbox), "--timeout", "0.3")
     assert (code, out) == (255, b"")
-    assert b"no reply after 0.3s; the request may still run" in err
-    assert f"check later with: mailsh wait-reply {rid}".encode() in err
+    text = err.decode()
+    assert f"no reply to request {rid} in mbox {mbox} after 0.3s" in text
+    assert "the request may still run" in text
+    assert f"next: mailsh wait-reply {rid}" in text
+    # The three usual causes, each with the command that checks it.
+    assert "does the server trust your key?" in text
+    assert "unknown-key or signer-not-pinned" in text
+    assert "is serve running?" in text
+    assert f"do replies land in mbox {mbox}?" in text
 
 
 def test_only_invalid_replies_are_named_at_the_timeout(
@@ -251,7 +258,8 @@ def test_only_invalid_replies_are_named_at_the_timeout(
         time.sleep(0.05)
     code, _, err = run("wait-reply", rid, "--mbox", str(mbox), "--timeout", "0.5")
     assert code == 255
-    assert b"no valid reply after 0.5s, only 1 invalid reply ignored (" in err
+    assert f"no valid reply to request {rid} in mbox {mbox} after 0.5s".encode() in err
+    assert b", only 1 invalid reply ignored (" in err
 
 
 def test_unknown_request_id(run: Run) -> None:
