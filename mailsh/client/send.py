@@ -242,6 +242,7 @@ def send_request(
         created=moment,
         expires_at=request.expires_at,
         mbox_mark=mbox_mark(settings.reply_mbox) if settings.reply_mbox is not None else None,
+        command=command,
     )
     path = store.save(record)
     try:

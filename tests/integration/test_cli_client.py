@@ -354,3 +354,43 @@ def test_reply_mbox_from_the_environment_is_noted_at_send_time(
     mark = PendingStore(rig.client.path).load(rid).mbox_mark
     assert mark is not None
     assert mark.offset == mbox.stat().st_size
+
+
+# --------------------------------------------------------------------------- status
+
+
+def test_status_on_a_client_home_lists_the_requests_sent(
+    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+) -> None:
+    """A client home has no server state: status shows what was sent and what came back."""
+    box, url = sink
+    mbox = tmp_path / "mbox"
+    auto_answer(rig, box, lambda mail: append_mbox(mbox, mail), stdout=b"ok")
+    answered = _send(run, rig, url, command="echo answered")
+    assert run("wait-reply", answered, "--mbox", str(mbox), "--timeout", "60")[0] == 0
+    box.on_message = None
+    waiting = _send(run, rig, url, command="echo " + "x" * 300)
+
+    code, out, err = run("status", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert (doc["format"], doc["role"]) == ("mailsh.status.v1", "client")
+    assert doc["identity"]["fingerprint"] == rig.client.fingerprint
+    assert "queue" not in doc  # no server sections on a client home
+    sent = {r["request_id"]: r for r in doc["sent"]}
+    assert sent[answered]["state"] == "answered"
+    assert sent[answered]["answered_at"] is not None
+    assert sent[answered]["command"] == "echo answered"
+    assert sent[answered]["to"] == rig.server.email
+    assert sent[waiting]["state"] == "waiting"
+    assert sent[waiting]["answered_at"] is None
+    assert sent[waiting]["command"].startswith("echo xxx")
+    assert len(sent[waiting]["command"]) == 200  # a preview, not the whole script
+
+    code, out, err = run("status")
+    assert code == 0, err
+    text = out.decode()
+    assert "requests sent from this home" in text
+    assert answered in text and waiting in text
+    assert "echo answered" in text
+    assert "start the server" not in text + err.decode()
