@@ -192,6 +192,19 @@ def load_settings(**flags: Any) -> Settings:
 
 def ensure_home(settings: Settings) -> Path:
     """Create the home (0700) and its GnuPG home (0700); fix looser modes we created."""
+    # The home, or the first of its parents that exists, must be a directory.
+    for path in (settings.home, *settings.home.parents):
+        if path.is_dir():
+            break
+        if path.exists() or path.is_symlink():
+            what = "a file, not a directory" if path.is_file() else "not a directory"
+            message = f"the home {path} is {what}"
+            if path != settings.home:
+                message = f"the home {settings.home} cannot be created: {path} is {what}"
+            raise ConfigError(
+                message,
+                hint="point --home (or MAILSH_HOME) at a directory; mailsh creates it if missing",
+            )
     for directory in (settings.home, settings.gnupg_home):
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
