@@ -233,7 +233,7 @@ def problems_section(ctx: StatusContext) -> Section | None:
     ]
     return Section(
         "problems",
-        "not run: rejected, discarded, quarantined (per reason)",
+        "problems (rejected, discarded, quarantined, duplicate, unreported), per reason",
         data,
         columns=[("count", "count"), ("state", "state"), ("reason", "reason"), ("last_at", "last")],
         empty="none",

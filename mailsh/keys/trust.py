@@ -188,6 +188,7 @@ def add_trusted_key(
         )
     fingerprint = str(public[0]["fingerprint"]).upper()
     _refuse_own_key(gpg, fingerprint, key_file)
+    _refuse_unanswerable(public[0], fingerprint, key_file)
     result = gpg.raw.import_keys(data.decode("utf-8", errors="replace"))
     imported = {str(r.get("fingerprint", "")).upper() for r in result.results}
     if fingerprint not in imported:
@@ -261,6 +262,19 @@ def _refuse_own_key(gpg: Gpg, fingerprint: str, key_file: Path) -> None:
             "a home trusts the other side's key, not its own",
             hint="trust the key that keygen wrote on the other side (or its `mailsh keys "
             "export`); this file is for the other side's `mailsh trust add`",
+        )
+
+
+def _refuse_unanswerable(key: dict[str, object], fingerprint: str, key_file: Path) -> None:
+    """A key that cannot receive an encrypted reply could never be answered: refuse it."""
+    from mailsh.keys.capability import NO_ENCRYPTION_HINT, usable_for_encryption
+
+    if not usable_for_encryption(key):
+        raise IdentityError(
+            f"key {fingerprint} in {key_file} has no usable encryption subkey (it is "
+            "sign-only, or its encryption subkey expired or was revoked), so no reply "
+            "could ever be encrypted to it",
+            hint=NO_ENCRYPTION_HINT,
         )
 
 
