@@ -254,9 +254,14 @@ def status(
         return
     from rich.console import Console
 
-    # Piped output is not cut to 80 columns: a terminal's own width applies only to it.
-    width = None if sys.stdout.isatty() else STATUS_PIPE_WIDTH
-    render(Console(highlight=False, width=width), sections)
+    if sys.stdout.isatty():
+        render(Console(highlight=False), sections)
+        return
+    # Piped output is not cut to 80 columns, and carries no padding at line ends.
+    console = Console(highlight=False, width=STATUS_PIPE_WIDTH)
+    with console.capture() as captured:
+        render(console, sections)
+    typer.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
 
 def _has_anything(settings: Settings) -> bool:

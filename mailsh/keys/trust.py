@@ -249,6 +249,10 @@ def _read_key_file(key_file: Path) -> bytes:
         ) from exc
 
 
+def _source(key_file: Path) -> str:
+    return "standard input" if key_file == STDIN else str(key_file)
+
+
 def _refuse_own_key(gpg: Gpg, fingerprint: str, key_file: Path) -> None:
     """A home pins the *other* side's key; its own key in its trust store is a mix-up
     (keygen writes EMAIL.asc next to the other side's file, so it is an easy one)."""
@@ -256,9 +260,8 @@ def _refuse_own_key(gpg: Gpg, fingerprint: str, key_file: Path) -> None:
 
     own = own_identity(gpg)
     if own is not None and own.fingerprint.upper() == fingerprint:
-        source = "standard input" if key_file == STDIN else str(key_file)
         raise IdentityError(
-            f"{source} holds this home's own key ({fingerprint}); "
+            f"{_source(key_file)} holds this home's own key ({fingerprint}); "
             "a home trusts the other side's key, not its own",
             hint="trust the key that keygen wrote on the other side (or its `mailsh keys "
             "export`); this file is for the other side's `mailsh trust add`",
@@ -271,7 +274,7 @@ def _refuse_unanswerable(key: dict[str, object], fingerprint: str, key_file: Pat
 
     if not usable_for_encryption(key):
         raise IdentityError(
-            f"key {fingerprint} in {key_file} has no usable encryption subkey (it is "
+            f"key {fingerprint} in {_source(key_file)} has no usable encryption subkey (it is "
             "sign-only, or its encryption subkey expired or was revoked), so no reply "
             "could ever be encrypted to it",
             hint=NO_ENCRYPTION_HINT,
