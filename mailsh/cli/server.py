@@ -232,9 +232,9 @@ def status(
     """Show what this home is doing.
 
     On a server home: its identity, whether serve is running (pid), the queue (spool,
-    executing, outbound with the next retry), the spool's size, problem messages
-    per state and reason code, the last errors and the latest decisions. On a client home: the
-    requests sent from it and whether their reply was read.
+    executing, outbound with the next retry), the spool's size, problem messages per
+    state and reason code, the last errors and the latest decisions. On a client
+    home: the requests sent from it and whether their reply was read.
     """
     import json
 
