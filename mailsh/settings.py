@@ -293,6 +293,19 @@ def ensure_home(settings: Settings) -> Path:
     user owns or that group or others may write (P15); removes group and other read
     access that older versions or a hand-made directory left.
     """
+    # The home, or the first of its parents that exists, must be a directory.
+    for path in (settings.home, *settings.home.parents):
+        if path.is_dir():
+            break
+        if path.exists() or path.is_symlink():
+            what = "a file, not a directory" if path.is_file() else "not a directory"
+            message = f"the home {path} is {what}"
+            if path != settings.home:
+                message = f"the home {settings.home} cannot be created: {path} is {what}"
+            raise ConfigError(
+                message,
+                hint="point --home (or MAILSH_HOME) at a directory; mailsh creates it if missing",
+            )
     for directory, what in ((settings.home, "home"), (settings.gnupg_home, "GnuPG home")):
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -86,6 +86,7 @@ def keygen(
     settings = settings_from(passphrase_file=passphrase_file)
     passphrase = settings.passphrase()
     gpg = gpg_for(settings)
+    ident.refuse_existing(gpg, force=force)  # before announcing anything
     if passphrase is None:
         say("note: no --passphrase-file, so the secret key is stored unprotected in the home")
     say(f"generating an {algo} key for {email} ...")
@@ -191,7 +192,13 @@ def keys_export(
 
 @trust_app.command("add")
 def trust_add(
-    key_file: Annotated[Path, typer.Argument(help="An exported public key (armored).")],
+    key_file: Annotated[
+        Path,
+        typer.Argument(
+            metavar="KEYFILE",
+            help="An exported public key (armored), or - to read it from standard input.",
+        ),
+    ],
     reply_to: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(
@@ -210,7 +217,11 @@ def trust_add(
         ),
     ] = False,
 ) -> None:
-    """Import exactly one public key and pin its primary fingerprint."""
+    """Import exactly one public key and pin its primary fingerprint.
+
+    The key is the other side's (never this home's own): e.g. `mailsh trust add
+    server.asc`, or `ssh server mailsh keys export | mailsh trust add -`.
+    """
     from mailsh.keys.trust import add_trusted_key
 
     settings = settings_from()
@@ -253,10 +264,17 @@ def trust_list(
 
 @trust_app.command("remove")
 def trust_remove(
-    fingerprint: Annotated[str, typer.Argument(help="The 40-hex primary fingerprint.")],
+    key: Annotated[
+        str,
+        typer.Argument(
+            metavar="KEY",
+            help="The pinned key: its fingerprint, a unique prefix of it (8 or more hex "
+            "digits), or its email address.",
+        ),
+    ],
 ) -> None:
     """Unpin a key: it no longer authorizes anything."""
     from mailsh.keys.trust import remove_trusted_key
 
-    entry = remove_trusted_key(settings_from().trust_file, fingerprint)
+    entry = remove_trusted_key(settings_from().trust_file, key)
     say(f"removed {entry.fingerprint} ({entry.reply_to})")

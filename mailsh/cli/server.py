@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -19,6 +20,13 @@ from mailsh.cli import (
     usage_error,
 )
 
+if TYPE_CHECKING:
+    from mailsh.settings import Settings
+
+
+STATUS_PIPE_WIDTH = 160
+"""Columns `mailsh status` fills when its output is not a terminal."""
+
 
 def _listen(value: str | None) -> tuple[str, int] | None:
     if value is None:
@@ -30,6 +38,24 @@ def _listen(value: str | None) -> tuple[str, int] | None:
             "use HOST:PORT with a port up to 65535, e.g. 127.0.0.1:2525",
         )
     return host.strip("[]"), int(port)
+
+
+def _running_mark(
+    settings: Settings,
+    mbox: list[Path] | None,
+    maildir: list[Path] | None,
+    smtp_listen: str | None,
+    spool_only: bool,
+) -> contextlib.AbstractContextManager[Path]:
+    """Let `mailsh status` see this serve (pid and sources) while it runs."""
+    from mailsh.server.running import serving
+
+    sources = [f"mbox {p}" for p in mbox or []] + [f"maildir {p}" for p in maildir or []]
+    if smtp_listen:
+        sources.append(f"smtp {smtp_listen}")
+    if spool_only or not sources:
+        sources.append("spool (mailsh deliver)")
+    return serving(settings.home, sources=sources)
 
 
 def _setup_logging(fmt: str) -> None:
@@ -215,7 +241,8 @@ def serve(
         ),
     )
     server.install_signal_handlers()
-    server.run()
+    with _running_mark(settings, mbox, maildir, smtp_listen, spool_only):
+        server.run()
     if server.abandoned:
         import logging
         import os
@@ -226,37 +253,56 @@ def serve(
 
 @app.command()
 def status(
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    json_out: Annotated[
+        bool,
+        typer.Option("--json", help="Machine-readable output (schema: docs/server.md)."),
+    ] = False,
 ) -> None:
-    """Show the server's message counts, pending work, outbound queue and last errors."""
+    """Show what this home is doing.
+
+    On a server home: its identity, whether serve is running (pid), the queue (spool,
+    executing, outbound with the next retry), the spool's size, problem messages per
+    state and reason code, the last errors and the latest decisions. On a client
+    home: the requests sent from it and whether their reply was read.
+    """
     import json
 
-    from mailsh.server.state import StateDB
+    from mailsh.status import build_report, render, report_json
 
     settings = settings_from()
-    if not settings.state_db.exists():
+    if not _has_anything(settings):
         from mailsh.errors import StateError
 
         raise StateError(
-            f"no server state in {settings.home} yet",
-            hint="start the server first: mailsh serve --mbox /var/mail/root ...",
+            f"nothing in {settings.home} yet: no key, no server state, no request sent",
+            hint="check --home / MAILSH_HOME; a new home starts with: mailsh keygen --email ADDR",
         )
-    report = StateDB(settings.state_db).status_report()
-    pending = len(list((settings.spool_dir / "new").glob("*")))
-    report["spool_pending"] = pending
-    from mailsh.server.intake_files import read_refusals
-
-    report["refused_mailboxes"] = [r.line() for r in read_refusals(settings.spool_dir)]
+    sections = build_report(settings)
     if json_out:
-        typer.echo(json.dumps(report, indent=2, default=str))
+        typer.echo(json.dumps(report_json(settings, sections), indent=2))
         return
-    for key, value in report.items():
-        if isinstance(value, list):
-            typer.echo(f"{key}:")
-            for item in value:
-                typer.echo(f"  {item}")
-        else:
-            typer.echo(f"{key}: {value}")
+    from rich.console import Console
+
+    if sys.stdout.isatty():
+        render(Console(highlight=False), sections)
+        return
+    # Piped output is not cut to 80 columns, and carries no padding at line ends.
+    console = Console(highlight=False, width=STATUS_PIPE_WIDTH)
+    with console.capture() as captured:
+        render(console, sections)
+    typer.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
+
+
+def _has_anything(settings: Settings) -> bool:
+    """Whether the home holds a key, a server state or sent requests (else: wrong home?)."""
+    from mailsh.client.pending import PENDING_DIR
+
+    home = settings.home
+    return (
+        settings.state_db.exists()
+        or (home / PENDING_DIR).is_dir()
+        or any(settings.gnupg_home.glob("private-keys-v1.d/*.key"))
+    )
 
 
 @app.command(

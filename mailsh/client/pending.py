@@ -3,8 +3,10 @@
 ``HOME/pending/<request id>.json`` (format ``mailsh.pending.v1``) holds what
 ``mailsh wait-reply ID`` needs to accept exactly the one reply to that request, from any
 shell, later: the server address and pinned fingerprint, the SHA-256 of the signed
-payload, the request mail's Message-ID, when it was created and when it expires, and
-optionally a mark in the reply mbox (where it ended when the request was sent).
+payload, the request mail's Message-ID, when it was created and when it expires,
+optionally a mark in the reply mbox (where it ended when the request was sent), and the
+command's first :data:`COMMAND_PREVIEW` characters (for ``mailsh status``; records
+written before it was added have none).
 
 Files are written atomically (temp file, fsync, rename, fsync directory) with mode 0600.
 A record is not deleted when its reply is accepted but marked ``answered_at`` (so
@@ -30,6 +32,9 @@ PENDING_FORMAT = "mailsh.pending.v1"
 PENDING_DIR = "pending"
 KEEP_RECORDS = timedelta(days=30)
 """How long records are kept: a reply older than this no longer verifies anyway."""
+
+COMMAND_PREVIEW = 200
+"""How much of the command a record keeps, to show it in ``mailsh status``."""
 
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
@@ -67,10 +72,13 @@ class PendingRequest:
     expires_at: datetime
     mbox_mark: MboxMark | None = None
     answered_at: datetime | None = None
+    command: str | None = None  # saved as its first COMMAND_PREVIEW characters (status)
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["format"] = PENDING_FORMAT
+        if self.command is not None:
+            doc["command"] = command_preview(self.command)
         for key in ("created", "expires_at", "answered_at"):
             value = getattr(self, key)
             doc[key] = value.isoformat() if value is not None else None
@@ -94,7 +102,15 @@ class PendingRequest:
             expires_at=_utc(doc["expires_at"]),
             mbox_mark=None if mark is None else MboxMark(**mark),
             answered_at=None if answered is None else _utc(answered),
+            command=None if doc.get("command") is None else str(doc["command"]),
         )
+
+
+def command_preview(command: str) -> str:
+    """``command`` as a record keeps it: at most :data:`COMMAND_PREVIEW` characters."""
+    if len(command) <= COMMAND_PREVIEW:
+        return command
+    return command[: COMMAND_PREVIEW - 1] + "…"
 
 
 def _utc(value: object) -> datetime:

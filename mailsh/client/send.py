@@ -282,6 +282,7 @@ def prepare_request(
         created=moment,
         expires_at=request.expires_at,
         mbox_mark=mbox_mark(mbox_path) if mbox_path is not None else None,
+        command=command,
     )
     return PreparedRequest(
         sealed=sealed,

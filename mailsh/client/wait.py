@@ -481,21 +481,42 @@ def wait_for_reply(
         if remaining <= 0:
             break
         source.wait(remaining)
-    rid = matcher.record.request_id
-    message = f"no reply after {timeout:g}s; the request may still run"
+    raise timeout_error(matcher, source, timeout)
+
+
+def timeout_error(matcher: ReplyMatcher, source: ReplySource, timeout: float) -> WaitTimeoutError:
+    """What a wait that saw no reply says: the usual causes, and how to check each."""
+    record = matcher.record
+    rid = record.request_id
+    message = f"no reply to request {rid} in {source.description} after {timeout:g}s"
     if matcher.ignored:
         message = (
-            f"no valid reply after {timeout:g}s, only {ignored_summary(matcher.ignored)}; "
-            "the request may still run"
+            f"no valid reply to request {rid} in {source.description} after {timeout:g}s, "
+            f"only {ignored_summary(matcher.ignored)}"
         )
+    if datetime.now(UTC) > record.expires_at:
+        message += f"; the request expired at {record.expires_at:%Y-%m-%d %H:%M:%S}Z"
+    else:
+        message += "; the request may still run"
     if matcher.notices:
         message += (
             f"; the server received a copy of it, and the original was "
             f"{matcher.notices[-1].original.value} then"
         )
-    if datetime.now(UTC) > matcher.record.expires_at:
-        message += f" (it expired at {matcher.record.expires_at:%Y-%m-%d %H:%M:%S}Z)"
-    raise WaitTimeoutError(message, hint=f"check later with: mailsh wait-reply {rid}")
+    pad = "\n" + " " * 8  # under the text after "  next: "
+    hint = pad.join(
+        (
+            f"mailsh wait-reply {rid}   (wait longer); if no reply ever comes, check:",
+            "- does the server trust your key? on the server, `mailsh status` lists",
+            "  unknown-key or signer-not-pinned under 'problems', and `mailsh trust list`",
+            "  must show your fingerprint (`mailsh keys show` here)",
+            "- is serve running? on the server, `mailsh status` shows it under 'serve'",
+            f"- do replies land in {source.description}? the server mails them to the",
+            "  address pinned with your key (`mailsh trust list` on the server); wait on",
+            "  the mailbox it delivers to (--mbox, --maildir, --imap or mailsh.toml)",
+        )
+    )
+    return WaitTimeoutError(message, hint=hint)
 
 
 def await_reply(

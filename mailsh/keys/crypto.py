@@ -12,6 +12,7 @@ construct.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,7 +55,26 @@ _ALLOWED_STATUS = frozenset(
     }
 )
 
+# gpg's ERRSIG return code for "the public key is not available".
+_ERRSIG_NO_PUBKEY = "9"
+
 _SEAL = object()
+
+
+def _quiet_gnupg_library(record: logging.LogRecord) -> bool:
+    """Drop python-gnupg's warnings about a gpg run mailsh judges itself.
+
+    :func:`verify` re-reads every status line and reports each failure with a reason
+    code, so "gpg returned a non-zero error code" and "potential problem" lines from the
+    library only add a second, vaguer log line per refused message.
+    """
+    return not (
+        record.levelno == logging.WARNING
+        and str(record.msg).startswith(("gpg returned a non-zero error code", "potential problem"))
+    )
+
+
+logging.getLogger("gnupg").addFilter(_quiet_gnupg_library)
 
 
 @dataclass(frozen=True)
@@ -85,6 +105,29 @@ def _parse_time(value: str) -> datetime:
     return datetime.strptime(value, "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
 
 
+def _unknown_signer(
+    statuses: list[tuple[str, list[str]]], names: Counter[str], unexpected: list[str]
+) -> str | None:
+    """The key id of the one signature gpg could not check for lack of its public key.
+
+    None unless that is the *only* problem: exactly one signature, no good one, and no
+    status outside the allowlist but ERRSIG (with return code 9, "no public key") and
+    NO_PUBKEY. Anything else stays ``bad-signature`` and is judged by the checks below.
+    """
+    if not unexpected or not set(unexpected) <= {"ERRSIG", "NO_PUBKEY"}:
+        return None
+    if names["NEWSIG"] > 1 or names["GOODSIG"] or names["VALIDSIG"]:
+        return None
+    errsigs = [args for name, args in statuses if name == "ERRSIG"]
+    if len(errsigs) > 1 or any(len(a) < 6 or a[5] != _ERRSIG_NO_PUBKEY for a in errsigs):
+        return None
+    # gpg >= 2.2.7 appends the issuer fingerprint to ERRSIG; else the long key id.
+    ids = [a[6] if len(a) >= 7 else a[0] for a in errsigs] or [
+        args[0] for name, args in statuses if name == "NO_PUBKEY" and args
+    ]
+    return ids[0].upper() if len(ids) == 1 else None
+
+
 def verify(  # noqa: PLR0912 - one branch per accepting check, kept flat on purpose
     gpg: Gpg,
     armored: bytes,
@@ -103,6 +146,13 @@ def verify(  # noqa: PLR0912 - one branch per accepting check, kept flat on purp
     names = Counter(name for name, _ in statuses)
 
     unexpected = sorted(set(names) - _ALLOWED_STATUS)
+    unknown = _unknown_signer(statuses, names, unexpected)
+    if unknown is not None:
+        raise _reject(
+            "unknown-key",
+            f"signed by key {unknown}, which is not in this home's keyring "
+            "(gpg reported NO_PUBKEY)",
+        )
     if unexpected:
         raise _reject(
             "bad-signature" if names["NEWSIG"] else "unsigned",

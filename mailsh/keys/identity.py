@@ -77,6 +77,19 @@ def require_identity(gpg: Gpg) -> Identity:
     return identity
 
 
+def refuse_existing(gpg: Gpg, *, force: bool) -> Identity | None:
+    """The identity ``generate`` would replace; without ``force``, IdentityError if any.
+
+    Call it before announcing a key generation, so a second keygen says no at once."""
+    existing = own_identity(gpg)
+    if existing is not None and not force:
+        raise IdentityError(
+            f"this home already has an identity ({existing.fingerprint})",
+            hint="pass --force to replace it, or use another --home",
+        )
+    return existing
+
+
 def generate(
     gpg: Gpg,
     *,
@@ -88,12 +101,7 @@ def generate(
     force: bool,
 ) -> Identity:
     """Create this home's key: a signing primary and an encryption subkey."""
-    existing = own_identity(gpg)
-    if existing is not None and not force:
-        raise IdentityError(
-            f"this home already has an identity ({existing.fingerprint})",
-            hint="pass --force to replace it, or use another --home",
-        )
+    existing = refuse_existing(gpg, force=force)
     if existing is not None:
         result = gpg.raw.delete_keys(existing.fingerprint, secret=True, expect_passphrase=False)
         gpg.raw.delete_keys(existing.fingerprint)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -21,6 +23,11 @@ from mailsh.keys.identity import EMAIL_RE
 
 TRUST_FORMAT = "mailsh.trust.v1"
 MAX_KEY_FILE_BYTES = 1024 * 1024
+MIN_PREFIX = 8
+"""Fewest leading hex digits of a fingerprint that may name a pinned key."""
+STDIN = Path("-")
+"""``trust add -``: read the key from standard input."""
+_HEX_RE = re.compile(r"[0-9A-F]+")
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,49 @@ class TrustStore:
             if key.fingerprint == fpr:
                 return key
         return None
+
+    def find(self, ref: str) -> TrustedKey:
+        """The one pinned key ``ref`` names: a fingerprint, a unique prefix of at least
+        :data:`MIN_PREFIX` hex digits, or an email (reply address or user id).
+
+        TrustError when nothing or more than one key matches, listing the candidates."""
+        wanted = ref.strip()
+        compact = wanted.replace(" ", "").upper().removeprefix("0X")
+        if "@" in wanted:
+            matches = self._by_email(wanted)
+        elif _HEX_RE.fullmatch(compact) and len(compact) >= MIN_PREFIX:
+            matches = [k for k in self.keys if k.fingerprint.startswith(compact)]
+        else:
+            raise TrustError(
+                f"{wanted[:80]!r} does not name a key: give a fingerprint, at least "
+                f"{MIN_PREFIX} of its leading hex digits, or an email address",
+                hint="mailsh trust list   (shows the pinned keys)",
+            )
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise TrustError(
+                f"no pinned key matches {wanted[:80]!r}",
+                hint="mailsh trust list   (shows the pinned keys)",
+            )
+        raise TrustError(
+            f"{wanted[:80]!r} matches {len(matches)} pinned keys: "
+            + ", ".join(k.fingerprint for k in matches),
+            hint="give more of the fingerprint (mailsh trust list shows them)",
+        )
+
+    def _by_email(self, address: str) -> list[TrustedKey]:
+        wanted = address.lower()
+        out = []
+        for key in self.keys:
+            emails = {key.reply_to.lower()}
+            for uid in key.uids:
+                match = EMAIL_RE.search(uid)
+                if match:
+                    emails.add(match.group(1).lower())
+            if wanted in emails:
+                out.append(key)
+        return out
 
     def is_pinned(self, fingerprint: str) -> bool:
         return self.get(fingerprint) is not None
@@ -120,16 +170,9 @@ def add_trusted_key(
     reply_to: str | None,
     allow_plain_scripts: bool = False,
 ) -> TrustedKey:
-    """Import exactly the one public key in ``key_file`` and pin its primary fingerprint."""
-    try:
-        if key_file.stat().st_size > MAX_KEY_FILE_BYTES:
-            raise IdentityError(f"{key_file} is too large for a public key file")
-        data = key_file.read_bytes()
-    except OSError as exc:
-        raise IdentityError(
-            f"cannot read {key_file}: {exc.strerror}",
-            hint="give the path of an exported public key (mailsh keys export)",
-        ) from exc
+    """Import exactly the one public key in ``key_file`` (:data:`STDIN`: standard input)
+    and pin its primary fingerprint."""
+    data = _read_key_file(key_file)
     scanned = gpg.raw.scan_keys_mem(data.decode("utf-8", errors="replace"))
     secret = [k for k in scanned if k.get("type") == "sec"]
     if secret:
@@ -144,6 +187,7 @@ def add_trusted_key(
             hint="export a single key (mailsh keys export) and trust that file",
         )
     fingerprint = str(public[0]["fingerprint"]).upper()
+    _refuse_own_key(gpg, fingerprint, key_file)
     _refuse_unanswerable(public[0], fingerprint, key_file)
     result = gpg.raw.import_keys(data.decode("utf-8", errors="replace"))
     imported = {str(r.get("fingerprint", "")).upper() for r in result.results}
@@ -180,26 +224,66 @@ def add_trusted_key(
     return entry
 
 
+def _read_key_file(key_file: Path) -> bytes:
+    """The bytes of ``key_file``, or of standard input for :data:`STDIN`, size-capped."""
+    if key_file == STDIN:
+        data = sys.stdin.buffer.read(MAX_KEY_FILE_BYTES + 1)
+        if not data.strip():
+            raise IdentityError(
+                "no key on standard input",
+                hint="pipe an exported key in: mailsh keys export | mailsh --home OTHER "
+                "trust add -",
+            )
+        if len(data) > MAX_KEY_FILE_BYTES:
+            raise IdentityError("standard input is too large for a public key")
+        return data
+    try:
+        if key_file.stat().st_size > MAX_KEY_FILE_BYTES:
+            raise IdentityError(f"{key_file} is too large for a public key file")
+        return key_file.read_bytes()
+    except OSError as exc:
+        raise IdentityError(
+            f"cannot read {key_file}: {exc.strerror}",
+            hint="give the path of an exported public key (mailsh keys export), "
+            "or - to read it from standard input",
+        ) from exc
+
+
+def _source(key_file: Path) -> str:
+    return "standard input" if key_file == STDIN else str(key_file)
+
+
+def _refuse_own_key(gpg: Gpg, fingerprint: str, key_file: Path) -> None:
+    """A home pins the *other* side's key; its own key in its trust store is a mix-up
+    (keygen writes EMAIL.asc next to the other side's file, so it is an easy one)."""
+    from mailsh.keys.identity import own_identity
+
+    own = own_identity(gpg)
+    if own is not None and own.fingerprint.upper() == fingerprint:
+        raise IdentityError(
+            f"{_source(key_file)} holds this home's own key ({fingerprint}); "
+            "a home trusts the other side's key, not its own",
+            hint="trust the key that keygen wrote on the other side (or its `mailsh keys "
+            "export`); this file is for the other side's `mailsh trust add`",
+        )
+
+
 def _refuse_unanswerable(key: dict[str, object], fingerprint: str, key_file: Path) -> None:
     """A key that cannot receive an encrypted reply could never be answered: refuse it."""
     from mailsh.keys.capability import NO_ENCRYPTION_HINT, usable_for_encryption
 
     if not usable_for_encryption(key):
         raise IdentityError(
-            f"key {fingerprint} in {key_file} has no usable encryption subkey (it is "
+            f"key {fingerprint} in {_source(key_file)} has no usable encryption subkey (it is "
             "sign-only, or its encryption subkey expired or was revoked), so no reply "
             "could ever be encrypted to it",
             hint=NO_ENCRYPTION_HINT,
         )
 
 
-def remove_trusted_key(path: Path, fingerprint: str) -> TrustedKey:
+def remove_trusted_key(path: Path, ref: str) -> TrustedKey:
+    """Unpin the key ``ref`` names (see :meth:`TrustStore.find`)."""
     store = load_trust(path)
-    entry = store.get(fingerprint.replace(" ", ""))
-    if entry is None:
-        raise TrustError(
-            f"{fingerprint} is not in the trust store",
-            hint="mailsh trust list   (shows the pinned fingerprints)",
-        )
+    entry = store.find(ref)
     save_trust(path, replace(store, keys=tuple(k for k in store.keys if k is not entry)))
     return entry

@@ -297,7 +297,7 @@ class SmtpListener:
         )
         self._running = _Running(loop=loop, server=server, thread=thread, executor=executor)
         thread.start()
-        log.info("smtp listener on %s port %d", self.host, self.port)
+        log.debug("smtp listener on %s port %d", self.host, self.port)  # serve logs it
 
     def stop(self) -> None:
         """Stop accepting, end open sessions, wait for running spool writes, release all."""

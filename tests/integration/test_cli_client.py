@@ -226,7 +226,7 @@ def test_answered_request_can_be_printed_again(
 # --------------------------------------------------------------------------- failures
 
 
-def test_wait_timeout_exits_255_and_says_how_to_check_later(
+def test_wait_timeout_exits_255_and_says_how_to_check_each_usual_cause(
     run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path
 ) -> None:
     _, url = sink
@@ -234,8 +234,15 @@ def test_wait_timeout_exits_255_and_says_how_to_check_later(
     rid = _send(run, rig, url)
     code, out, err = run("wait-reply", rid, "--mbox", str(mbox), "--timeout", "0.3")
     assert (code, out) == (255, b"")
-    assert b"no reply after 0.3s; the request may still run" in err
-    assert f"check later with: mailsh wait-reply {rid}".encode() in err
+    text = err.decode()
+    assert f"no reply to request {rid} in mbox {mbox} after 0.3s" in text
+    assert "the request may still run" in text
+    assert f"next: mailsh wait-reply {rid}" in text
+    # The three usual causes, each with the command that checks it.
+    assert "does the server trust your key?" in text
+    assert "unknown-key or signer-not-pinned" in text
+    assert "is serve running?" in text
+    assert f"do replies land in mbox {mbox}?" in text
 
 
 def test_only_invalid_replies_are_named_at_the_timeout(
@@ -251,7 +258,8 @@ def test_only_invalid_replies_are_named_at_the_timeout(
         time.sleep(0.05)
     code, _, err = run("wait-reply", rid, "--mbox", str(mbox), "--timeout", "0.5")
     assert code == 255
-    assert b"no valid reply after 0.5s, only 1 invalid reply ignored (" in err
+    assert f"no valid reply to request {rid} in mbox {mbox} after 0.5s".encode() in err
+    assert b", only 1 invalid reply ignored (" in err
 
 
 def test_unknown_request_id(run: Run) -> None:
@@ -346,3 +354,43 @@ def test_reply_mbox_from_the_environment_is_noted_at_send_time(
     mark = PendingStore(rig.client.path).load(rid).mbox_mark
     assert mark is not None
     assert mark.offset == mbox.stat().st_size
+
+
+# --------------------------------------------------------------------------- status
+
+
+def test_status_on_a_client_home_lists_the_requests_sent(
+    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+) -> None:
+    """A client home has no server state: status shows what was sent and what came back."""
+    box, url = sink
+    mbox = tmp_path / "mbox"
+    auto_answer(rig, box, lambda mail: append_mbox(mbox, mail), stdout=b"ok")
+    answered = _send(run, rig, url, command="echo answered")
+    assert run("wait-reply", answered, "--mbox", str(mbox), "--timeout", "60")[0] == 0
+    box.on_message = None
+    waiting = _send(run, rig, url, command="echo " + "x" * 300)
+
+    code, out, err = run("status", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert (doc["format"], doc["role"]) == ("mailsh.status.v1", "client")
+    assert doc["identity"]["fingerprint"] == rig.client.fingerprint
+    assert "queue" not in doc  # no server sections on a client home
+    sent = {r["request_id"]: r for r in doc["sent"]}
+    assert sent[answered]["state"] == "answered"
+    assert sent[answered]["answered_at"] is not None
+    assert sent[answered]["command"] == "echo answered"
+    assert sent[answered]["to"] == rig.server.email
+    assert sent[waiting]["state"] == "waiting"
+    assert sent[waiting]["answered_at"] is None
+    assert sent[waiting]["command"].startswith("echo xxx")
+    assert len(sent[waiting]["command"]) == 200  # a preview, not the whole script
+
+    code, out, err = run("status")
+    assert code == 0, err
+    text = out.decode()
+    assert "requests sent from this home" in text
+    assert answered in text and waiting in text
+    assert "echo answered" in text
+    assert "start the server" not in text + err.decode()

@@ -289,3 +289,102 @@ def test_subprocess_keygen_and_trust(home: Path, tmp_path: Path, alice: Home) ->
     r = mailsh("trust", env_home=home, cwd=tmp_path)
     assert r.returncode in (0, 2)  # no_args_is_help
     assert mailsh("keygen", env_home=home, cwd=tmp_path).returncode == 2
+
+
+# --------------------------------------------------------------------------------------
+# Trust ergonomics (issue 12 point 7)
+# --------------------------------------------------------------------------------------
+
+
+def test_trust_add_reads_stdin_and_remove_takes_prefix_or_email(
+    capsys: pytest.CaptureFixture[str], home: Path, tmp_path: Path, alice: Home, mallory: Home
+) -> None:
+    piped = subprocess.run(
+        [sys.executable, "-m", "mailsh", "--home", str(home), "trust", "add", "-"],
+        input=alice.pubkey.read_bytes(),
+        capture_output=True,
+        check=False,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MAILSH_")},
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.decode().strip() == alice.fingerprint
+    nothing = subprocess.run(
+        [sys.executable, "-m", "mailsh", "--home", str(home), "trust", "add", "-"],
+        input=b"",
+        capture_output=True,
+        check=False,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MAILSH_")},
+    )
+    assert nothing.returncode == 255
+    assert b"no key on standard input" in nothing.stderr
+
+    h = ("--home", str(home))
+    assert cli(capsys, *h, "trust", "add", str(mallory.pubkey)).code == 0
+    too_short = cli(capsys, *h, "trust", "remove", mallory.fingerprint[:4])
+    assert too_short.code == 255
+    assert "at least 8" in too_short.err
+    assert "next: mailsh trust list" in too_short.err
+    unknown = cli(capsys, *h, "trust", "remove", "nobody@example.org")
+    assert (unknown.code, "no pinned key matches" in unknown.err) == (255, True)
+
+    # A unique prefix (any case, spaces allowed as gpg prints them) names one key.
+    prefix = mallory.fingerprint[:12].lower()
+    r = cli(capsys, *h, "trust", "remove", f"{prefix[:4]} {prefix[4:]}")
+    assert r.code == 0, r.err
+    assert mallory.fingerprint in r.err
+    # The email of the key (its user id or reply address) names it too.
+    r = cli(capsys, *h, "trust", "remove", "Alice@Example.org")
+    assert r.code == 0, r.err
+    assert json.loads(cli(capsys, *h, "trust", "list", "--json").out) == []
+
+
+def test_trust_remove_refuses_an_ambiguous_reference(
+    capsys: pytest.CaptureFixture[str], home: Path, alice: Home, mallory: Home
+) -> None:
+    h = ("--home", str(home))
+    cli(capsys, *h, "trust", "add", str(alice.pubkey), "--reply-to", "ops@example.org")
+    cli(capsys, *h, "trust", "add", str(mallory.pubkey), "--reply-to", "ops@example.org")
+    r = cli(capsys, *h, "trust", "remove", "ops@example.org")
+    assert r.code == 255
+    assert "matches 2 pinned keys" in r.err
+    assert alice.fingerprint in r.err and mallory.fingerprint in r.err
+    assert len(json.loads(cli(capsys, *h, "trust", "list", "--json").out)) == 2
+
+
+def test_trust_add_refuses_the_homes_own_key(
+    capsys: pytest.CaptureFixture[str], home: Path, in_tmp: Path
+) -> None:
+    h = ("--home", str(home))
+    made = cli(capsys, *h, "keygen", "--email", "me@example.org")
+    assert made.code == 0, made.err
+    r = cli(capsys, *h, "trust", "add", "me@example.org.asc")
+    assert r.code == 255
+    assert "this home's own key" in r.err
+    assert made.out.strip() in r.err
+    assert "next:" in r.err
+    assert not (home / "trust.json").exists()
+
+
+def test_keygen_twice_refuses_before_announcing(
+    capsys: pytest.CaptureFixture[str], home: Path, in_tmp: Path
+) -> None:
+    assert cli(capsys, "--home", str(home), "keygen", "--email", "me@example.org").code == 0
+    again = cli(capsys, "--home", str(home), "keygen", "--email", "me@example.org")
+    assert again.code == 255
+    assert "already has an identity" in again.err
+    assert "generating" not in again.err
+    assert "unprotected" not in again.err
+
+
+def test_home_that_is_a_file_says_so(capsys: pytest.CaptureFixture[str], in_tmp: Path) -> None:
+    afile = in_tmp / "home.txt"
+    afile.write_text("not a home")
+    r = cli(capsys, "--home", str(afile), "trust", "list")
+    assert r.code == 255
+    assert f"the home {afile} is a file, not a directory" in r.err
+    assert "next: point --home" in r.err
+    r = cli(capsys, "--home", str(afile / "sub"), "keys", "show")
+    assert r.code == 255
+    assert f"{afile} is a file, not a directory" in r.err

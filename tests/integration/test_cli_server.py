@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,8 +53,9 @@ def test_deliver_then_serve_once_then_status(
     status = _mailsh("status", "--json", home=srv.path)
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
-    assert report["replied"] == 1
-    assert report["spool_pending"] == 0
+    assert report["messages"]["replied"] == 1
+    assert report["queue"]["spool_pending"] == 0
+    assert report["serve"] == {"running": False, "processes": []}  # --once has ended
 
 
 def test_deliver_failure_is_tempfail_so_the_mta_retries(tmp_path: Path) -> None:
@@ -96,3 +100,75 @@ def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.strip() == f"mailsh {__version__}"
+
+
+def _status(home: Path) -> dict[str, Any]:
+    result = _mailsh("status", "--json", home=home)
+    assert result.returncode == 0, result.stderr
+    doc: dict[str, Any] = json.loads(result.stdout)
+    return doc
+
+
+def test_status_while_serving_shows_pid_unknown_key_and_decisions(
+    alice: Home, srv: Home, mallory: Home, sink: Sink, tmp_path: Path
+) -> None:
+    """Issue 12 points 4 and 5: a request from a key the server never saw is discarded as
+    unknown-key (not bad-signature, and without python-gnupg's warning), and status shows
+    it with its count next to the running serve's pid and the queue."""
+    mbox = tmp_path / "root"
+    good = request(alice, srv, "echo fine")
+    mbox_append(mbox, request(mallory, srv, "id", encrypt=False).mail, good.mail)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "mailsh", "--home", str(srv.path), "serve", "--mbox", str(mbox),
+         "--smtp", sink.url, "--smtp-listen", "127.0.0.1:0", "--workdir", str(tmp_path),
+         "--log-format", "json"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        sink.wait_for(1)
+        report = _status(srv.path)
+        for _ in range(600):  # the discard may be recorded after the reply left
+            if report["messages"]["discarded"] == 1 and report["serve"]["running"]:
+                break
+            time.sleep(0.1)
+            report = _status(srv.path)
+        text = _mailsh("status", home=srv.path)
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        _, log = serve.communicate(timeout=120)
+
+    assert report["format"] == "mailsh.status.v1"
+    assert report["role"] == "server"
+    assert report["identity"]["fingerprint"] == srv.fingerprint
+    assert report["identity"]["addresses"] == [srv.email]
+    [proc] = report["serve"]["processes"]
+    assert proc["pid"] == serve.pid
+    assert f"mbox {mbox}" in proc["sources"]
+    assert report["messages"]["replied"] == 1
+    assert {"state": "discarded", "reason": "unknown-key", "count": 1} in [
+        {k: p[k] for k in ("state", "reason", "count")} for p in report["problems"]
+    ]
+    assert [e["error"] for e in report["last_errors"]] == ["unknown-key"]
+    assert {(d["state"], d["reason"] or "") for d in report["recent"]} == {
+        ("replied", ""),
+        ("discarded", "unknown-key"),
+    }
+    assert set(report["queue"]) >= {"spool_pending", "executing", "outbound_pending"}
+    assert "next_retry_at" in report["queue"]
+    assert report["spool"]["done_files"] == 2
+
+    assert text.returncode == 0, text.stderr
+    shown = text.stdout.decode()
+    assert f"pid {serve.pid}" in shown
+    assert "unknown-key" in shown
+    assert srv.fingerprint in shown
+    assert "outbound outbound" not in shown
+
+    decisions = [json.loads(line) for line in log.splitlines() if line.startswith(b"{")]
+    [discard] = [d for d in decisions if d.get("event") == "discarded"]
+    assert discard["reason"] == "unknown-key"
+    assert mallory.fingerprint in discard["detail"]
+    assert b"non-zero error code" not in log  # python-gnupg's noise is gone
+    starts = [ln for ln in log.lower().splitlines() if b"listener on" in ln]
+    assert len([ln for ln in starts if b"stopped" not in ln]) == 1  # its start, logged once
+    assert _status(srv.path)["serve"]["running"] is False  # the lock went with the process

@@ -41,5 +41,6 @@ def test_serve_refuses_a_symlinked_mbox_keeps_serving_and_status_shows_it(
 
     status = _mailsh("status", "--json", home=srv.path)
     assert status.returncode == 0, status.stderr
-    [line] = json.loads(status.stdout)["refused_mailboxes"]
-    assert line.startswith(f"{mbox} is a symbolic link, not a regular file")
+    [entry] = json.loads(status.stdout)["refused_mailboxes"]
+    assert entry["mailbox"] == str(mbox)
+    assert entry["reason"].startswith(f"{mbox} is a symbolic link, not a regular file")

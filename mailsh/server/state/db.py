@@ -19,6 +19,7 @@ from mailsh.server.state.model import (
     MailToQueue,
     MessageRecord,
     MessageState,
+    ReasonCount,
     StatusError,
     _dt,
     _ts,
@@ -28,6 +29,14 @@ from mailsh.server.state.outbound import _OutboundQueue
 
 log = logging.getLogger("mailsh.server.state")
 
+#: Final states that need a look: what ``mailsh status`` lists as problems.
+_PROBLEM_STATES = (
+    MessageState.REJECTED,
+    MessageState.DISCARDED,
+    MessageState.QUARANTINED,
+    MessageState.DUPLICATE,
+    MessageState.UNREPORTED,
+)
 _CLAIM_SELECT = (
     "SELECT signer, request_id, signature_id, issued_at, request_sha256, spool_id,"
     " claimed_at, claimed_by, finished_at, status, notice_sent_at FROM requests"
@@ -403,18 +412,50 @@ class StateDB(_OutboundQueue):
         return result
 
     def last_errors(self, limit: int = 5) -> list[StatusError]:
-        """Newest problems first: failed sends, rejected, unreported and quarantined
-        messages."""
+        """Newest problems first: failed sends, and rejected, discarded, quarantined,
+        duplicate and unreported messages (``kind`` is ``outbound`` or the state, ``ref``
+        the reply or spool id)."""
         with self._read() as conn:
             rows = conn.execute(
-                "SELECT last_error_at, 'outbound', 'outbound ' || id, last_error FROM outbound"
+                "SELECT last_error_at, 'outbound', 'reply ' || id, last_error FROM outbound"
                 " WHERE last_error IS NOT NULL"
                 " UNION ALL SELECT updated_at, state, spool_id, coalesce(reason, state)"
-                " FROM messages WHERE state IN (?, ?, ?)"
+                " FROM messages WHERE state IN (?, ?, ?, ?, ?)"
                 " ORDER BY 1 DESC LIMIT ?",
-                (MessageState.REJECTED, MessageState.UNREPORTED, MessageState.QUARANTINED, limit),
+                (*_PROBLEM_STATES, limit),
             ).fetchall()
         return [StatusError(_dt(r[0]), r[1], r[2], r[3]) for r in rows]
+
+    def problem_counts(self, limit: int = 20) -> list[ReasonCount]:
+        """Messages in a problem state (see :meth:`last_errors`) counted per state and
+        reason, the most recently seen first (at most ``limit`` rows)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT state, coalesce(reason, state), count(*), max(updated_at)"
+                " FROM messages WHERE state IN (?, ?, ?, ?, ?) GROUP BY 1, 2"
+                " ORDER BY 4 DESC LIMIT ?",
+                (*_PROBLEM_STATES, limit),
+            ).fetchall()
+        return [ReasonCount(MessageState(r[0]), r[1], r[2], _dt(r[3])) for r in rows]
+
+    def recent_decisions(self, limit: int = 10) -> list[MessageRecord]:
+        """The messages that most recently reached a final state, newest first."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT spool_id FROM messages WHERE state NOT IN (?, ?)"
+                " ORDER BY updated_at DESC, spool_id DESC LIMIT ?",
+                (MessageState.RECEIVED, MessageState.EXECUTING, limit),
+            ).fetchall()
+        return [m for m in (self.message(r[0]) for r in rows) if m is not None]
+
+    def next_outbound_attempt(self) -> datetime | None:
+        """When the queue next tries to send a reply (None: nothing waiting)."""
+        row = self._conn_read_one(
+            "SELECT min(next_attempt_at) FROM outbound"
+            " WHERE sent_at IS NULL AND abandoned_at IS NULL",
+            (),
+        )
+        return None if row is None or row[0] is None else _dt(row[0])
 
     def status_report(self, errors: int = 5) -> dict[str, int | list[str]]:
         """:meth:`counts` plus ``last_errors`` as one-line strings, for ``mailsh status``."""

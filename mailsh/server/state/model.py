@@ -141,6 +141,16 @@ class StatusError:
     error: str
 
 
+@dataclass(frozen=True)
+class ReasonCount:
+    """How many messages ended in ``state`` for ``reason``, and the latest one's time."""
+
+    state: MessageState
+    reason: str
+    count: int
+    last_at: datetime
+
+
 # Version N-1 -> N. Statements run one by one inside the migration transaction
 # (executescript would commit first). Never edit a released entry; append a new one.
 

@@ -547,10 +547,19 @@ def test_counts_and_last_errors(db: StateDB, clock: Clock) -> None:
         "requests_unfinished": 1,
     }
     errors = db.last_errors()
-    assert [(e.kind, e.error) for e in errors] == [
-        ("outbound", "connection refused"),
-        ("quarantined", "why-2"),
+    assert [(e.kind, e.ref, e.error) for e in errors] == [
+        ("outbound", f"reply {out}", "connection refused"),  # not "outbound outbound N"
+        ("quarantined", "m2", "why-2"),
+        ("discarded", "m1", "why-1"),  # discards count as problems too (issue 12)
+        ("discarded", "m0", "why-0"),
     ]
+    assert [(c.state, c.reason, c.count) for c in db.problem_counts()] == [
+        (MessageState.QUARANTINED, "why-2", 1),
+        (MessageState.DISCARDED, "why-1", 1),
+        (MessageState.DISCARDED, "why-0", 1),
+    ]
+    assert [m.spool_id for m in db.recent_decisions()] == ["m2", "m1", "m0"]
+    assert db.next_outbound_attempt() == clock.now + timedelta(minutes=1)
     report = db.status_report()
     assert report["discarded"] == 2
     last = report["last_errors"]
