@@ -154,6 +154,8 @@ class Reply(_Strict):
     stderr_truncated: bool = False
     started_at: UtcDatetime | None = None
     finished_at: UtcDatetime | None = None
+    memory_peak_bytes: Annotated[int, Field(ge=0)] | None = None  # cgroup memory.peak
+    pids_peak: Annotated[int, Field(ge=0)] | None = None  # cgroup pids.peak
 
     @property
     def shell_status(self) -> int:

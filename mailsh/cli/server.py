@@ -274,9 +274,12 @@ def status(
             f"no server state in {settings.home} yet",
             hint="start the server first: mailsh serve --mbox /var/mail/root ...",
         )
-    report = StateDB(settings.state_db).status_report()
+    report: dict[str, object] = dict(StateDB(settings.state_db).status_report())
     pending = len(list((settings.spool_dir / "new").glob("*")))
     report["spool_pending"] = pending
+    from mailsh.server.cgroup import recorded
+
+    report["command_containment"] = recorded(settings.home)  # as the last serve chose it
     if json_out:
         typer.echo(json.dumps(report, indent=2, default=str))
         return

@@ -35,6 +35,7 @@ from mailsh.keys.gpg import Gpg
 from mailsh.keys.identity import require_identity
 from mailsh.keys.trust import load_trust
 from mailsh.protocol import Reply, ReplyStatus
+from mailsh.server.cgroup import Containment
 from mailsh.server.maildir import MaildirIntake
 from mailsh.server.mbox import MboxIntake
 from mailsh.server.outbound import Mailer, OutboundWorker, mailer_from_settings
@@ -197,6 +198,7 @@ class Server:
         self.smtp_port: int | None = None
         self.abandoned = 0  # commands still running when shutdown gave up on them
         self.loop_errors = 0  # main-loop iterations that failed and were retried
+        self.containment: Containment | None = None  # chosen when run() starts
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -248,6 +250,7 @@ class Server:
                 "use --run-as USER for an unprivileged account"
             )
         raise_open_files_limit()
+        self.contain_commands()
         self.recover()
         if not self.options.once:
             self.outbound.start()
@@ -261,6 +264,23 @@ class Server:
                     self._serve(watcher)
         finally:
             self.shutdown()
+
+    def contain_commands(self) -> None:
+        """Choose how commands are contained (a cgroup each, or the session kill), tell
+        the processor, log it and record it for ``mailsh status``."""
+        from mailsh.server import cgroup
+
+        self.containment = cgroup.set_up()
+        self.processor.containment = self.containment
+        cgroup.record(self.settings.home, self.containment)
+        if self.containment.mode == "cgroup":
+            log.info("commands contained by %s", self.containment.describe())
+        else:
+            log.warning(
+                "commands contained by session kill only (%s): a command that calls setsid "
+                "can outlive its timeout; see docs/server.md",
+                self.containment.detail,
+            )
 
     def _run_once(self) -> None:
         """``--once``: process everything pending, then return; any error ends the run."""
@@ -369,6 +389,10 @@ class Server:
             self.listener.stop()  # type: ignore[attr-defined]
         self.outbound.flush()
         self.outbound.stop()
+        if self.containment is not None:
+            from mailsh.server.cgroup import tear_down
+
+            tear_down(self.containment)
 
     # -- crash recovery ---------------------------------------------------------------
 

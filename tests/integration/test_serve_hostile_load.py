@@ -143,3 +143,56 @@ def test_open_files_soft_limit_is_raised_to_the_hard_limit(tmp_path: Path) -> No
         text=True,
     ).stdout.split()
     assert out == ["2048", "2048"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--run-as another user needs root")
+def test_run_as_commands_get_a_process_limit_and_lose_their_escapees(
+    alice: Home, srv: Home, sink: Sink
+) -> None:
+    """Through the whole server: the --run-as default of --max-processes reaches the
+    command (it was never set before), and a command's setsid escapee does not outlive it
+    where serve has cgroups (this machine); `mailsh status` says which mode was in force."""
+    import json
+    import tempfile
+
+    from mailsh.server.daemon import ServeOptions, Server
+    from tests.integration.serverkit import mbox_append, server_settings
+
+    shared = Path(tempfile.mkdtemp(prefix="mailsh-nproc."))
+    try:
+        shared.chmod(0o777)  # the run-as user writes the escapee's pid here
+        pidfile = shared / "pid"
+        limit = request(alice, srv, "grep 'Max processes' /proc/self/limits")
+        escape = request(
+            alice,
+            srv,
+            f"setsid sh -c 'echo $$ > {pidfile}; exec sleep 1000' & "
+            f"while [ ! -s {pidfile} ]; do sleep 0.05; done; echo done",
+        )
+        mbox = shared / "mbox"
+        mbox_append(mbox, limit.mail, escape.mail)
+        settings = server_settings(srv, sink, workdir=Path("/"), run_as="nobody")
+        server = Server(settings, ServeOptions(mboxes=[mbox], once=True, poll_interval=0.2))
+        server.run()
+        [limit_reply] = replies_for(alice, srv, limit, sink)
+        assert limit_reply.stdout.split()[2:4] == [b"256", b"256"]  # soft and hard
+        [escape_reply] = replies_for(alice, srv, escape, sink)
+        assert (escape_reply.exit_code, escape_reply.stdout) == (0, b"done\n")
+        escapee = int(pidfile.read_text())
+        try:
+            assert server.containment is not None
+            if server.containment.mode == "cgroup":
+                stat = Path(f"/proc/{escapee}/stat")
+                assert not stat.exists() or stat.read_bytes().split(b") ")[1][:1] in b"ZX"
+            status = subprocess.run(
+                [sys.executable, "-m", "mailsh", "--home", str(srv.path), "status", "--json"],
+                capture_output=True,
+                check=True,
+            )
+            line = json.loads(status.stdout)["command_containment"]
+            assert line.startswith(f"{server.containment.mode}: ")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(escapee, 9)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
