@@ -196,3 +196,44 @@ def test_run_as_commands_get_a_process_limit_and_lose_their_escapees(
                 os.kill(escapee, 9)
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.mark.parametrize("errno_", [28, 5], ids=["ENOSPC", "EIO"])
+def test_main_loop_backs_off_and_keeps_serving_through_os_errors(
+    alice: Home, srv: Home, sink: Sink, tmp_path: Path, errno_: int
+) -> None:
+    """A full or failing disk cannot be provoked safely on a shared test machine, so the
+    spool's listing is made to fail with the real errno a few times (a stand-in, said
+    here); everything else is real. EMFILE is provoked for real above."""
+    import threading
+
+    from mailsh.server.daemon import ServeOptions, Server
+    from mailsh.server.spool import SpooledMessage
+    from tests.integration.serverkit import server_settings
+
+    server = Server(server_settings(srv, sink, workdir=tmp_path), ServeOptions(poll_interval=0.2))
+    real_pending = server.spool.pending
+    failures = [2]
+
+    def failing_pending() -> list[SpooledMessage]:
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise OSError(errno_, os.strerror(errno_), str(server.spool.root))
+        return real_pending()
+
+    server.spool.pending = failing_pending  # type: ignore[method-assign]
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        _wait_for(lambda: failures[0] == 0 or not thread.is_alive(), "the failures")
+        assert thread.is_alive()
+        sealed = request(alice, srv, "echo still-here")
+        server.spool.put(sealed.mail, source="test")
+        _wait_for(lambda: replies_for(alice, srv, sealed, sink), "the reply")
+        [reply] = replies_for(alice, srv, sealed, sink)
+        assert reply.stdout == b"still-here\n"
+        assert server.loop_errors == 2  # each failure was met, logged and retried
+    finally:
+        server.request_stop()
+        thread.join(60)
+    assert not thread.is_alive()
