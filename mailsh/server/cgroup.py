@@ -41,7 +41,7 @@ from typing import Literal
 log = logging.getLogger(__name__)
 
 PARENT_PREFIX = "mailsh-serve-"
-"""Name of serve's parent cgroup, followed by its pid."""
+"""Name of serve's parent cgroup, followed by ``PID-N`` (N counts set-ups in a process)."""
 PEAK_CONTROLLERS = ("memory", "pids")
 """Controllers enabled for the commands' cgroups when the kernel offers them."""
 KILL_ROUNDS = 50
@@ -127,7 +127,7 @@ class Containment:
         return f"cmd-{next(self._names)}"
 
 
-SESSION_ONLY = Containment("session", "per-command cgroups not enabled")
+_SET_UPS = itertools.count(1)  # several servers in one process (tests) get their own
 
 
 def _read(path: Path) -> str:
@@ -158,9 +158,10 @@ def _remove_stale(directory: Path, path: str) -> None:
     with contextlib.suppress(OSError):
         for entry in directory.iterdir():
             name = entry.name
-            if not name.startswith(PARENT_PREFIX) or not name[len(PARENT_PREFIX) :].isdigit():
+            pid_text = name[len(PARENT_PREFIX) :].split("-", 1)[0]
+            if not name.startswith(PARENT_PREFIX) or not pid_text.isdigit():
                 continue
-            if _pid_alive(int(name[len(PARENT_PREFIX) :])):
+            if _pid_alive(int(pid_text)):
                 continue
             with contextlib.suppress(OSError):
                 for child in entry.iterdir():
@@ -189,9 +190,9 @@ def set_up(*, mountinfo: str | None = None, proc_cgroup: str | None = None) -> C
         return Containment("session", found)
     directory, path = found
     _remove_stale(directory, path)
-    parent = directory / f"{PARENT_PREFIX}{os.getpid()}"
+    parent = directory / f"{PARENT_PREFIX}{os.getpid()}-{next(_SET_UPS)}"
     try:
-        parent.mkdir(exist_ok=True)
+        parent.mkdir()
     except OSError as exc:
         return Containment(
             "session",
@@ -336,12 +337,16 @@ class CommandCgroup:
         for _ in range(KILL_ROUNDS):
             if not self.populated():
                 return True
-            if self.has_kill:
-                _write(self.path / "cgroup.kill", "1")
-            else:  # Linux < 5.14: freeze (no more forks), kill each, thaw
-                _write(self.path / "cgroup.freeze", "1")
+            try:
+                if self.has_kill:
+                    _write(self.path / "cgroup.kill", "1")
+                else:  # Linux < 5.14: freeze (no more forks), kill each, thaw
+                    _write(self.path / "cgroup.freeze", "1")
+                    self.signal(signal.SIGKILL)
+                    _write(self.path / "cgroup.freeze", "0")
+            except OSError as exc:  # still kill each one we can see
+                log.warning("cgroup %s: %s; killing its processes one by one", self.path, exc)
                 self.signal(signal.SIGKILL)
-                _write(self.path / "cgroup.freeze", "0")
             time.sleep(KILL_PAUSE)
         return not self.populated()
 

@@ -449,6 +449,8 @@ def _enter_cgroup(cgroup: CommandCgroup, pid: int, gate: int) -> bool:
         entered = False
     try:
         os.write(gate, b"go\n")
+    except OSError:  # the gate is gone (killed before it read): the pump sees it exit
+        pass
     finally:
         os.close(gate)
     return entered
