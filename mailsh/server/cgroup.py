@@ -164,18 +164,23 @@ def _remove_stale(directory: Path, path: str) -> None:
             if _pid_alive(int(pid_text)):
                 continue
             with contextlib.suppress(OSError):
-                for child in entry.iterdir():
-                    if child.is_dir():
-                        group = CommandCgroup(
-                            child,
-                            f"{path.rstrip('/')}/{name}/{child.name}",
-                            has_kill=(child / "cgroup.kill").exists(),
-                        )
-                        if group.populated():
-                            log.warning("killing what a command of a dead serve left in %s", child)
-                        group.remove()
+                _remove_children(entry, f"{path.rstrip('/')}/{name}", "a dead serve")
                 entry.rmdir()
                 log.info("removed stale cgroup %s", entry)
+
+
+def _remove_children(parent: Path, parent_path: str, whose: str) -> None:
+    """Kill what is left in each command cgroup under ``parent`` and remove them."""
+    for child in parent.iterdir():
+        if child.is_dir():
+            group = CommandCgroup(
+                child,
+                f"{parent_path}/{child.name}",
+                has_kill=(child / "cgroup.kill").exists(),
+            )
+            if group.populated():
+                log.warning("killing what a command of %s left in %s", whose, child)
+            group.remove()
 
 
 def set_up(*, mountinfo: str | None = None, proc_cgroup: str | None = None) -> Containment:
@@ -228,14 +233,13 @@ def set_up(*, mountinfo: str | None = None, proc_cgroup: str | None = None) -> C
 
 
 def tear_down(containment: Containment) -> None:
-    """Remove the parent cgroup (commands' cgroups are removed as they finish)."""
-    if containment.parent is None:
+    """Remove the parent cgroup. Commands' cgroups are removed as they finish; one still
+    there belongs to a command that outran the shutdown grace, which serve has reported
+    "outcome unknown": it is killed, so nothing a command started outlives serve."""
+    if containment.parent is None or containment.parent_path is None:
         return
     with contextlib.suppress(FileNotFoundError):
-        for child in containment.parent.iterdir():
-            if child.is_dir():
-                with contextlib.suppress(OSError):
-                    child.rmdir()
+        _remove_children(containment.parent, containment.parent_path, "this serve")
     try:
         containment.parent.rmdir()
     except FileNotFoundError:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -211,3 +212,24 @@ def test_start_up_kills_and_removes_what_a_dead_serve_left(
         with contextlib.suppress(OSError):
             (stale / "cmd-1").rmdir()
             stale.rmdir()
+
+
+def test_tear_down_kills_commands_that_outran_the_shutdown(tmp_path: Path) -> None:
+    """serve reports a command still running after the shutdown grace "outcome unknown";
+    then nothing it started may live on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    mine = cgroup.set_up()
+    if mine.mode != "cgroup":
+        pytest.skip(f"no writable cgroup v2 here: {mine.detail}")
+    assert mine.parent is not None
+    started = tmp_path / "started"
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(_run, f"touch {started}; exec sleep 1000", tmp_path, mine)
+        while not started.exists():
+            assert not running.done(), running.result()
+            time.sleep(0.02)
+        cgroup.tear_down(mine)
+        result = running.result(timeout=60)
+    assert result.signal == signal.SIGKILL
+    assert not mine.parent.exists()
