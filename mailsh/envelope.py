@@ -19,7 +19,7 @@ from mailsh.keys.crypto import VerifiedPayload, seal, verify
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.trust import TrustStore
 from mailsh.mailfmt import IncomingMail, build_reply_mail, build_request_mail, read_mail
-from mailsh.protocol import Reply, Request
+from mailsh.protocol import Notice, Reply, Request
 
 REPLY_MAX_AGE = timedelta(days=30)
 _SEAL = object()
@@ -182,24 +182,36 @@ def open_request(
     )
 
 
+def plain_script_id(signer: str, signed_at: datetime, script: bytes) -> str:
+    """The request id of a plain script: what was signed, never how the signature is encoded.
+
+    OpenPGP signatures are malleable (an ed25519 signature has 16 valid encodings of one
+    message, ECDSA two), so gpg's signature id cannot be a replay key: a re-encoded
+    signature would get a new one. The signer's primary fingerprint, the signature's
+    creation time (a hashed subpacket, covered by the signature) and the digest of the
+    signed script are fixed by the signature itself.
+    """
+    stamp = int(signed_at.timestamp())
+    digest = hashlib.sha256(script).hexdigest()
+    return hashlib.sha256(f"mailsh.plain.v1:{signer}:{stamp}:{digest}".encode()).hexdigest()[:32]
+
+
 def _plain_script(
     verified: VerifiedPayload, reject: Callable[[ProtocolError], ProtocolError]
 ) -> tuple[str, str]:
-    """The seed's form: the signed bytes are the script; the id comes from the signature."""
-    if verified.signature_id is None:
-        raise reject(ProtocolError("no-signature-id", "plain script without a signature id"))
+    """The seed's form: the signed bytes are the script; the id comes from what was signed."""
     try:
         script = verified.plaintext.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise reject(ProtocolError("malformed-payload", "the script is not UTF-8 text")) from exc
     if "\x00" in script:
         raise reject(ProtocolError("malformed-payload", "the script contains a NUL byte"))
-    return hashlib.sha256(verified.signature_id.encode()).hexdigest()[:32], script
+    return plain_script_id(verified.signer, verified.signed_at, verified.plaintext), script
 
 
 def seal_reply(
     gpg: Gpg,
-    reply: Reply,
+    reply: Reply | Notice,
     *,
     signer: str,
     recipient: str,
@@ -209,15 +221,53 @@ def seal_reply(
 ) -> bytes:
     payload = protocol.encode_payload(reply)
     armored = seal(gpg, payload, signer=signer, recipient=recipient, passphrase=passphrase)
+    if isinstance(reply, Notice):
+        status, exit_code = "notice", None
+    else:
+        status, exit_code = reply.status.value, reply.exit_code
     return build_reply_mail(
         armored=armored,
         from_addr=reply.server,
         to_addr=to_addr,
         request_id=reply.request_id,
-        status=reply.status.value,
-        exit_code=reply.exit_code,
+        status=status,
+        exit_code=exit_code,
         in_reply_to=in_reply_to,
     )
+
+
+def open_answer(
+    gpg: Gpg,
+    raw: bytes,
+    *,
+    trust: TrustStore,
+    server_fingerprint: str,
+    request_id: str,
+    request_sha256: str,
+    now: datetime,
+    max_bytes: int,
+    passphrase: str | None = None,
+) -> Reply | Notice:
+    """What exactly this server said about exactly this request; else raise.
+
+    That is the outcome (:class:`Reply`) or a :class:`~mailsh.protocol.Notice`, which is
+    news and never the outcome (a waiting client keeps waiting for the reply).
+    """
+    mail = read_mail(raw, max_bytes=max_bytes)
+    armored = protocol.extract_armor(mail.body)
+    verified = verify(
+        gpg,
+        armored,
+        is_pinned=lambda fpr: fpr == server_fingerprint and trust.is_pinned(fpr),
+        now=now,
+        max_age=REPLY_MAX_AGE,
+        max_skew=timedelta(minutes=10),
+        passphrase=passphrase,
+    )
+    reply = protocol.parse_server_message(verified.plaintext)
+    if reply.request_sha256 != request_sha256 or reply.request_id not in (None, request_id):
+        raise ProtocolError("not-our-reply", "reply answers another request")
+    return reply
 
 
 def open_reply(
@@ -232,19 +282,19 @@ def open_reply(
     max_bytes: int,
     passphrase: str | None = None,
 ) -> Reply:
-    """The reply to exactly this request, signed by exactly this server; else raise."""
-    mail = read_mail(raw, max_bytes=max_bytes)
-    armored = protocol.extract_armor(mail.body)
-    verified = verify(
+    """The outcome reply to exactly this request (see :func:`open_answer`); a notice
+    raises :class:`ProtocolError` with reason ``not-an-outcome``."""
+    found = open_answer(
         gpg,
-        armored,
-        is_pinned=lambda fpr: fpr == server_fingerprint and trust.is_pinned(fpr),
+        raw,
+        trust=trust,
+        server_fingerprint=server_fingerprint,
+        request_id=request_id,
+        request_sha256=request_sha256,
         now=now,
-        max_age=REPLY_MAX_AGE,
-        max_skew=timedelta(minutes=10),
+        max_bytes=max_bytes,
         passphrase=passphrase,
     )
-    reply = protocol.parse_reply(verified.plaintext)
-    if reply.request_sha256 != request_sha256 or reply.request_id not in (None, request_id):
-        raise ProtocolError("not-our-reply", "reply answers another request")
-    return reply
+    if isinstance(found, Notice):
+        raise ProtocolError("not-an-outcome", "a notice about the request, not its reply")
+    return found

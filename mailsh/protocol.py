@@ -39,7 +39,8 @@ from mailsh.errors import ProtocolError
 
 REQUEST_KIND = "mailsh.request.v1"
 REPLY_KIND = "mailsh.reply.v1"
-KIND_RE = re.compile(r"^mailsh\.(request|reply)\.v(\d+)$")
+NOTICE_KIND = "mailsh.notice.v1"
+KIND_RE = re.compile(r"^mailsh\.(request|reply|notice)\.v(\d+)$")
 
 MAX_COMMAND_CHARS = 65_536
 MAX_STDIN_BYTES = 8 * 1024 * 1024
@@ -167,17 +168,45 @@ class Reply(_Strict):
         return 255
 
 
+class OriginalState(StrEnum):
+    """What had become of a request when the server received another copy of it."""
+
+    RUNNING = "running"  # claimed; its command is (or may still be) running
+    FINISHED = "finished"  # its outcome reply was queued (ok, error or rejected)
+    OUTCOME_UNKNOWN = "outcome-unknown"  # interrupted; reported as outcome-unknown
+    UNREPORTED = "unreported"  # the server could not seal a report for it
+
+
+class Notice(_Strict):
+    """``mailsh.notice.v1``: news about a request that is **not** its outcome.
+
+    A server sends at most one per request: when it receives a copy of a request it has
+    already taken (a duplicate delivery, a loop, a replay). A client never ends a wait
+    on a notice; the outcome comes only as a :class:`Reply`.
+    """
+
+    kind: Literal["mailsh.notice.v1"] = "mailsh.notice.v1"
+    request_id: RequestId | None
+    request_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    server: Address
+    notice: Literal["duplicate"] = "duplicate"
+    original: OriginalState
+    reason: Annotated[str, Field(max_length=2000)] | None = None
+
+
 def new_request_id() -> str:
     return secrets.token_hex(16)
 
 
-def encode_payload(model: Request | Reply) -> bytes:
+def encode_payload(model: Request | Reply | Notice) -> bytes:
     """The exact bytes that get signed: compact, key-sorted JSON in UTF-8."""
     doc = model.model_dump(mode="json", exclude_none=False)
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
-def _load_kind(plaintext: bytes, expected: Literal["request", "reply"]) -> dict[str, Any]:
+def _load_kind(
+    plaintext: bytes, expected: Literal["request", "reply"], *, also: str | None = None
+) -> dict[str, Any]:
     if len(plaintext) > MAX_PAYLOAD_BYTES:
         raise ProtocolError("payload-too-large", "the signed payload is too large")
     try:
@@ -187,7 +216,7 @@ def _load_kind(plaintext: bytes, expected: Literal["request", "reply"]) -> dict[
     if not isinstance(doc, dict) or not isinstance(doc.get("kind"), str):
         raise ProtocolError("malformed-payload", "the signed payload has no kind")
     match = KIND_RE.match(doc["kind"])
-    if match is None or match.group(1) != expected:
+    if match is None or match.group(1) not in (expected, also):
         raise ProtocolError("unknown-kind", f"expected a mailsh {expected}, got {doc['kind']!r}")
     if match.group(2) != "1":
         side = "server" if expected == "request" else "client"
@@ -199,7 +228,7 @@ def _load_kind(plaintext: bytes, expected: Literal["request", "reply"]) -> dict[
     return doc
 
 
-def _validate(model: type[Request] | type[Reply], doc: dict[str, Any]) -> Any:
+def _validate(model: type[Request] | type[Reply] | type[Notice], doc: dict[str, Any]) -> Any:
     try:
         return model.model_validate(doc)
     except ValidationError as exc:
@@ -215,6 +244,17 @@ def parse_request(plaintext: bytes) -> Request:
 
 def parse_reply(plaintext: bytes) -> Reply:
     reply: Reply = _validate(Reply, _load_kind(plaintext, "reply"))
+    return reply
+
+
+def parse_server_message(plaintext: bytes) -> Reply | Notice:
+    """A payload a server sent about a request: its outcome (:class:`Reply`) or a
+    :class:`Notice`, told apart by ``kind`` (a notice can never parse as a reply)."""
+    doc = _load_kind(plaintext, "reply", also="notice")
+    if str(doc["kind"]).startswith("mailsh.notice."):
+        notice: Notice = _validate(Notice, doc)
+        return notice
+    reply: Reply = _validate(Reply, doc)
     return reply
 
 

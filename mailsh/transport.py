@@ -41,7 +41,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 from urllib.parse import unquote, urlsplit
 
 from pydantic import SecretStr
@@ -65,6 +65,12 @@ class TransportTempError(TransportError):
     """A sending failure where trying again later may succeed."""
 
     temporary: ClassVar[bool] = True
+
+
+class HandoffUnknownError(TransportTempError):
+    """The mail may or may not have been accepted: the connection failed after the message
+    itself started to go out (SMTP DATA), or sendmail was killed or timed out. A caller
+    must treat the message as possibly sent (a request may run)."""
 
 
 def is_temporary(exc: BaseException) -> bool:
@@ -203,6 +209,25 @@ def to_lf(data: bytes) -> bytes:
 # --------------------------------------------------------------------------- SMTP
 
 
+class _TracksData:
+    """Notes when the DATA command started: from then on a failure is ambiguous."""
+
+    data_started = False
+
+    def data(self, msg: Any) -> tuple[int, bytes]:
+        self.data_started = True
+        reply: tuple[int, bytes] = super().data(msg)  # type: ignore[misc]
+        return reply
+
+
+class _Smtp(_TracksData, smtplib.SMTP):
+    pass
+
+
+class _SmtpSsl(_TracksData, smtplib.SMTP_SSL):
+    pass
+
+
 def send_smtp(
     target: SmtpTarget,
     options: SmtpOptions,
@@ -228,12 +253,12 @@ def send_smtp(
             f"cannot load CA file {str(options.ca_file)!r}: {_one_line(str(exc))}",
             hint="--ca-file must name a PEM file of CA certificates",
         ) from exc
-    client: smtplib.SMTP | None = None
+    client: _Smtp | _SmtpSsl | None = None
     try:
         # Host given to the constructor (which connects): smtplib only remembers it for
         # TLS host name checks then; connect() alone leaves server_hostname empty.
         if target.implicit_tls:
-            client = smtplib.SMTP_SSL(
+            client = _SmtpSsl(
                 target.host,
                 target.port,
                 local_hostname=options.local_hostname,
@@ -241,7 +266,7 @@ def send_smtp(
                 context=context,
             )
         else:
-            client = smtplib.SMTP(
+            client = _Smtp(
                 target.host,
                 target.port,
                 local_hostname=options.local_hostname,
@@ -255,9 +280,18 @@ def send_smtp(
             client.quit()  # the message was accepted; a failing QUIT changes nothing
     except TransportError:
         raise
-    except smtplib.SMTPException as exc:
+    except smtplib.SMTPResponseException as exc:  # a definite answer: not accepted
         raise _smtp_error(exc, target, sender) from exc
-    except OSError as exc:
+    except (smtplib.SMTPException, OSError) as exc:
+        if client is not None and client.data_started:
+            raise HandoffUnknownError(
+                f"the connection to {target.hostport} failed while the message was being "
+                f"sent ({_one_line(str(exc)) or type(exc).__name__}); the server may or may "
+                "not have accepted it",
+                hint="assume it may have been sent",
+            ) from exc
+        if isinstance(exc, smtplib.SMTPException):
+            raise _smtp_error(exc, target, sender) from exc
         raise _network_error(exc, target, options) from exc
     finally:
         if client is not None:
@@ -478,7 +512,7 @@ def send_sendmail(
             hint=f"check the permissions of {path}",
         ) from exc
     except subprocess.TimeoutExpired as exc:
-        raise TransportTempError(
+        raise HandoffUnknownError(
             f"{path} did not finish within {timeout:g} s and was killed; "
             "the message may or may not have been queued",
             hint="check the local MTA (mailq) before resending",
@@ -494,7 +528,7 @@ def send_sendmail(
             hint="the local MTA asked to try again later",
         )
     if proc.returncode < 0:
-        raise TransportTempError(
+        raise HandoffUnknownError(
             f"{path} was killed by signal {-proc.returncode}: {stderr}",
             hint="check the local MTA (mailq) before resending",
         )

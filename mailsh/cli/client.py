@@ -32,7 +32,8 @@ from mailsh.cli import (
 
 if TYPE_CHECKING:
     from mailsh.client.pending import PendingRequest
-    from mailsh.protocol import Reply
+    from mailsh.client.wait import ReplySource
+    from mailsh.protocol import Notice, Reply
     from mailsh.settings import Settings
 
 MboxOpt = Annotated[
@@ -195,7 +196,7 @@ def send(
     waits for the reply instead and behaves like `ssh host COMMAND`: the remote stdout
     and stderr, byte for byte, and the remote exit status.
     """
-    from mailsh.client.send import read_stdin_arg, send_request
+    from mailsh.client.send import prepare_request, read_stdin_arg, submit_request
 
     if json_out and not wait:
         raise _usage("--json only applies with --wait (send alone prints just the id)")
@@ -215,23 +216,38 @@ def send(
         passphrase_file=passphrase_file,
     )
     data = read_stdin_arg(stdin) if stdin is not None else None
-    sent = send_request(
+    gpg = gpg_for(settings)
+    # Everything is checked before the request leaves: once sent it cannot be recalled.
+    prepared = prepare_request(
         settings,
-        gpg_for(settings),
+        gpg,
         command=" ".join(command),
         to=to,
         stdin=data,
         timeout=timeout,
         encrypt=not no_encrypt,
         require_server_key=wait,
+        require_mailbox=wait,
         on_warning=lambda text: say(f"mailsh: warning: {text}"),
+        on_note=_note,
     )
     if not wait:
+        sent = submit_request(settings, prepared)
         typer.echo(sent.request_id)
         return
+    from mailsh.client.wait import open_source
+
+    # Watch the reply mailbox before sending, so nothing can arrive unseen (and an IMAP
+    # login failure stops us while nothing has been sent).
+    source = open_source(settings, prepared.pending, mailbox=prepared.mailbox)
+    try:
+        sent = submit_request(settings, prepared)
+    except BaseException:
+        source.close()
+        raise
     if sys.stderr.isatty():
         say(f"mailsh: sent request {sent.request_id} to {sent.pending.to}")
-    _wait_and_render(settings, sent.pending, json_out=json_out)
+    _wait_and_render(settings, sent.pending, json_out=json_out, source=source, sent=True)
 
 
 @app.command("wait-reply", epilog=EXIT_CODES_HELP)
@@ -283,8 +299,19 @@ def _usage(message: str) -> Exception:
     return UsageError(message, hint="see mailsh send --help")
 
 
-def _wait_and_render(settings: Settings, record: PendingRequest, *, json_out: bool) -> NoReturn:
-    from mailsh.client.wait import await_reply
+def _wait_and_render(
+    settings: Settings,
+    record: PendingRequest,
+    *,
+    json_out: bool,
+    source: ReplySource | None = None,
+    sent: bool = False,
+) -> NoReturn:
+    """Wait for the reply to ``record`` and render it. With ``sent`` (``send --wait``)
+    any failure of the wait itself says that the request went out and may run, and how
+    to go on waiting: the request id is never lost, even when stderr is not a terminal."""
+    from mailsh.client.wait import RemoteFailureError, await_reply
+    from mailsh.errors import MailshError, WaitTimeoutError
 
     rid = record.request_id
     try:
@@ -294,15 +321,29 @@ def _wait_and_render(settings: Settings, record: PendingRequest, *, json_out: bo
                 gpg_for(settings),
                 record,
                 on_warning=_note,
+                on_notice=_notice,
+                source=source,
             )
     except KeyboardInterrupt:
-        from mailsh.errors import MailshError
-
         raise MailshError(
             f"interrupted while waiting for the reply to {rid}; the request may still run",
             hint=f"check later with: mailsh wait-reply {rid}",
         ) from None
+    except MailshError as exc:
+        if not sent or isinstance(exc, (RemoteFailureError, WaitTimeoutError)):
+            raise
+        raise MailshError(
+            f"request {rid} was sent and may run, but waiting for its reply failed: {exc.message}",
+            hint=f"{exc.hint + '; then: ' if exc.hint else ''}mailsh wait-reply {rid}",
+        ) from exc
     render_reply(reply, json_out=json_out)
+
+
+def _notice(notice: Notice) -> None:
+    """A notice about the request is news, never the outcome: note it on a terminal."""
+    from mailsh.client.wait import notice_text
+
+    _note(notice_text(notice))
 
 
 def _note(text: str) -> None:

@@ -8,9 +8,12 @@ encrypted to it. Without a trusted server key a request can only go out unencryp
 (``encrypt=False``) and unbound to a key, and no reply to it can be verified until the
 server key is trusted.
 
-The pending record is written (durably) *before* the mail is submitted, so a reply can
-never arrive for a request this home has forgotten; if submitting fails, the record is
-removed again.
+Everything sending needs is checked *before* anything leaves (:func:`prepare_request`):
+a request that was sent cannot be taken back, so a mistake found afterwards would leave a
+command running that its sender believes failed. The pending record is written (durably)
+before the mail is submitted, so a reply can never arrive for a request this home has
+forgotten; if the transport refused the mail for certain, the record is removed again,
+and if the hand-off may have happened it is kept (:class:`MaybeSentError`).
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from mailsh.client.pending import MboxMark, PendingRequest, PendingStore
-from mailsh.errors import ConfigError, TrustError, UsageError
+from mailsh.errors import ConfigError, MailshError, TrustError, UsageError
 from mailsh.mailer import Outbound, outbound_from_settings
 
 if TYPE_CHECKING:
+    from mailsh.client.wait import ReplyMailbox
     from mailsh.envelope import SealedRequest
     from mailsh.keys.gpg import Gpg
     from mailsh.keys.trust import TrustedKey, TrustStore
@@ -139,6 +143,24 @@ def mbox_mark(path: Path) -> MboxMark | None:
 
 
 @dataclass(frozen=True)
+class PreparedRequest:
+    """A request checked, sealed and ready to go: nothing has left this machine yet."""
+
+    sealed: SealedRequest
+    pending: PendingRequest
+    outbound: Outbound
+    encrypted: bool
+    server_key: TrustedKey | None
+    from_addr: str
+    mailbox: ReplyMailbox | None
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def request_id(self) -> str:
+        return self.sealed.request.request_id
+
+
+@dataclass(frozen=True)
 class SentRequest:
     """What :func:`send_request` did."""
 
@@ -148,13 +170,18 @@ class SentRequest:
     server_key: TrustedKey | None
     from_addr: str
     warnings: tuple[str, ...] = field(default=())
+    mailbox: ReplyMailbox | None = None
 
     @property
     def request_id(self) -> str:
         return self.sealed.request.request_id
 
 
-def send_request(
+class MaybeSentError(MailshError):
+    """The request may have left: the command may run. Never send it again blindly."""
+
+
+def prepare_request(
     settings: Settings,
     gpg: Gpg,
     *,
@@ -165,18 +192,24 @@ def send_request(
     timeout: float | None = None,
     encrypt: bool = True,
     require_server_key: bool = False,
+    require_mailbox: bool = False,
     outbound: Outbound | None = None,
     now: datetime | None = None,
     on_warning: Callable[[str], None] | None = None,
-) -> SentRequest:
-    """Build, seal, record and submit one request; return once the mail was accepted.
+    on_note: Callable[[str], None] | None = None,
+) -> PreparedRequest:
+    """Check everything sending needs, then build and seal the request; send nothing.
 
-    ``outbound`` defaults to :func:`outbound_from_settings`. ``require_server_key``
-    (what ``send --wait`` needs) refuses to send when the server key is not trusted,
-    since its reply could not be verified. Warnings (e.g. "not encrypted") go to
-    ``on_warning`` and into :attr:`SentRequest.warnings`.
+    Checked before anything leaves: this home's identity and sender address, the
+    server's pinned key (required with ``require_server_key``, what ``send --wait``
+    needs since its reply could not be verified otherwise), the way out (SMTP or
+    sendmail), and the reply mailbox: with ``require_mailbox`` exactly one must be
+    configured and usable; otherwise a configured one must still make sense (one kind,
+    an existing directory), so a later ``wait-reply`` can read it. ``on_note`` gets
+    informational lines (e.g. "the mbox does not exist yet"), ``on_warning`` warnings.
     """
     from mailsh.addresses import validate_address
+    from mailsh.client.wait import choose_mailbox
     from mailsh.envelope import seal_request
     from mailsh.keys.identity import require_identity
     from mailsh.keys.trust import load_trust
@@ -205,6 +238,14 @@ def send_request(
             hint=f"{SERVER_KEY_HINT}; or send without --wait",
         )
     outbound = outbound or outbound_from_settings(settings)
+    configured = any(
+        x is not None for x in (settings.reply_mbox, settings.reply_maildir, settings.reply_imap)
+    )
+    mailbox = (
+        choose_mailbox(settings, on_warning=on_note if require_mailbox else None)
+        if require_mailbox or configured
+        else None
+    )
     if not encrypt:
         warn("the request is NOT encrypted: anyone who sees the mail can read the command")
     if key is None:
@@ -231,8 +272,7 @@ def send_request(
         from_addr=sender,
         passphrase=settings.passphrase(),
     )
-    store = PendingStore(settings.home)
-    store.prune(now=moment)
+    mbox_path = mailbox.path if mailbox is not None and mailbox.kind == "mbox" else None
     record = PendingRequest(
         request_id=request.request_id,
         to=to,
@@ -241,19 +281,90 @@ def send_request(
         message_id=sealed.message_id,
         created=moment,
         expires_at=request.expires_at,
-        mbox_mark=mbox_mark(settings.reply_mbox) if settings.reply_mbox is not None else None,
+        mbox_mark=mbox_mark(mbox_path) if mbox_path is not None else None,
     )
-    path = store.save(record)
+    return PreparedRequest(
+        sealed=sealed,
+        pending=record,
+        outbound=outbound,
+        encrypted=encrypt and key is not None,
+        server_key=key,
+        from_addr=sender,
+        mailbox=mailbox,
+        warnings=tuple(warnings),
+    )
+
+
+def submit_request(settings: Settings, prepared: PreparedRequest) -> SentRequest:
+    """Record ``prepared`` as pending (durably), then hand it to the mail transport.
+
+    If the transport refused it for certain, the record is removed and the error raised
+    as it is: nothing was sent. If the hand-off may have happened (the connection broke
+    while the message was going out, sendmail was killed, an interrupt), the record is
+    kept and :class:`MaybeSentError` says so, with the command to wait for the reply.
+    """
+    from mailsh.transport import HandoffUnknownError
+
+    rid = prepared.request_id
+    store = PendingStore(settings.home)
+    store.prune(now=prepared.pending.created)
+    path = store.save(prepared.pending)
     try:
-        outbound.submit(mail_from=sender, rcpt_to=[to], message=sealed.mail)
+        prepared.outbound.submit(
+            mail_from=prepared.from_addr,
+            rcpt_to=[prepared.pending.to],
+            message=prepared.sealed.mail,
+        )
+    except (HandoffUnknownError, KeyboardInterrupt) as exc:
+        detail = exc.message if isinstance(exc, MailshError) else "interrupted while sending"
+        raise MaybeSentError(
+            f"request {rid} may have been sent, so the command may run: {detail}",
+            hint=f"mailsh wait-reply {rid}   (do not send it again before you know)",
+        ) from exc
     except BaseException:
         path.unlink(missing_ok=True)
         raise
     return SentRequest(
-        sealed=sealed,
-        pending=record,
-        encrypted=encrypt and key is not None,
-        server_key=key,
-        from_addr=sender,
-        warnings=tuple(warnings),
+        sealed=prepared.sealed,
+        pending=prepared.pending,
+        encrypted=prepared.encrypted,
+        server_key=prepared.server_key,
+        from_addr=prepared.from_addr,
+        warnings=prepared.warnings,
+        mailbox=prepared.mailbox,
     )
+
+
+def send_request(
+    settings: Settings,
+    gpg: Gpg,
+    *,
+    command: str,
+    to: str,
+    from_addr: str | None = None,
+    stdin: bytes | None = None,
+    timeout: float | None = None,
+    encrypt: bool = True,
+    require_server_key: bool = False,
+    outbound: Outbound | None = None,
+    now: datetime | None = None,
+    on_warning: Callable[[str], None] | None = None,
+) -> SentRequest:
+    """:func:`prepare_request` then :func:`submit_request`: returns once the mail was
+    accepted. Warnings (e.g. "not encrypted") go to ``on_warning`` and into
+    :attr:`SentRequest.warnings`."""
+    prepared = prepare_request(
+        settings,
+        gpg,
+        command=command,
+        to=to,
+        from_addr=from_addr,
+        stdin=stdin,
+        timeout=timeout,
+        encrypt=encrypt,
+        require_server_key=require_server_key,
+        outbound=outbound,
+        now=now,
+        on_warning=on_warning,
+    )
+    return submit_request(settings, prepared)

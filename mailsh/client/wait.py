@@ -45,10 +45,11 @@ from mailsh.errors import (
 
 if TYPE_CHECKING:
     from mailsh.client.imap import ImapWatcher
+    from mailsh.client.imap_url import ImapTarget
     from mailsh.client.pending import MboxMark, PendingRequest
     from mailsh.keys.gpg import Gpg
     from mailsh.keys.trust import TrustStore
-    from mailsh.protocol import Reply
+    from mailsh.protocol import Notice, Reply
     from mailsh.server.watch import Watcher
     from mailsh.settings import Settings
 
@@ -214,9 +215,9 @@ def imap_start_uid(watcher: ImapWatcher, since: date) -> int:
     return watcher.last_uid if watcher.last_uid is not None else 0
 
 
-def open_imap(settings: Settings, url: str, *, not_before: datetime | None = None) -> ImapSource:
-    """Connect to the IMAP mailbox at ``url`` with the password and CA file of ``settings``."""
-    from mailsh.client.imap import ImapWatcher, parse_imap_url
+def _imap_target(settings: Settings, url: str) -> tuple[ImapTarget, Path | None]:
+    """The parsed URL and CA file of an IMAP mailbox, checked without connecting."""
+    from mailsh.client.imap_url import parse_imap_url
 
     target = parse_imap_url(url)
     if settings.imap_password is None:
@@ -232,6 +233,15 @@ def open_imap(settings: Settings, url: str, *, not_before: datetime | None = Non
                 f"the IMAP CA file {ca_file} does not exist",
                 hint="check --imap-ca-file / MAILSH_IMAP_CA_FILE (a PEM file)",
             )
+    return target, ca_file
+
+
+def open_imap(settings: Settings, url: str, *, not_before: datetime | None = None) -> ImapSource:
+    """Connect to the IMAP mailbox at ``url`` with the password and CA file of ``settings``."""
+    from mailsh.client.imap import ImapWatcher
+
+    target, ca_file = _imap_target(settings, url)
+    assert settings.imap_password is not None  # noqa: S101 - checked by _imap_target
     watcher = ImapWatcher(
         target,
         settings.imap_password.get_secret_value(),
@@ -263,16 +273,32 @@ def mbox_start(path: Path, mark: MboxMark | None) -> int:
     return mark.offset if hashlib.sha256(tail).hexdigest() == mark.tail_sha256 else 0
 
 
-def open_source(
+@dataclass(frozen=True)
+class ReplyMailbox:
+    """The one mailbox replies are read from, checked but not yet opened."""
+
+    kind: str  # "mbox", "maildir" or "imap"
+    path: Path | None = None
+    url: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.url if self.url is not None else self.path}"
+
+
+def choose_mailbox(
     settings: Settings,
-    record: PendingRequest,
     *,
     mbox: Path | None = None,
     maildir: Path | None = None,
     imap: str | None = None,
     on_warning: Callable[[str], None] | None = None,
-) -> ReplySource:
-    """The mailbox to read: the one given, else the one in settings; exactly one."""
+) -> ReplyMailbox:
+    """The mailbox to read: the one given, else the one in settings; exactly one.
+
+    Everything that can be checked without reading it is checked here (its kind, that it
+    exists or can appear, an IMAP URL, password and CA file), so ``send --wait`` can
+    refuse before the request leaves rather than after.
+    """
     given = [x for x in (mbox, maildir, imap) if x is not None]
     if len(given) > 1:
         raise UsageError("give one mailbox to read: --mbox, --maildir or --imap", hint=MAILBOX_HINT)
@@ -286,7 +312,8 @@ def open_source(
                 hint=MAILBOX_HINT,
             )
     if imap is not None:
-        return open_imap(settings, imap, not_before=record.created)
+        _imap_target(settings, imap)
+        return ReplyMailbox("imap", url=imap)
     if maildir is not None:
         path = maildir.expanduser().absolute()
         if not (path / "new").is_dir():
@@ -294,7 +321,7 @@ def open_source(
                 f"{path} is not a Maildir (it has no new/ directory)",
                 hint=f"check --maildir / MAILSH_REPLY_MAILDIR; or: mkdir -p {path}/{{new,cur,tmp}}",
             )
-        return MaildirSource(path, not_before=record.created - MAILDIR_SLACK)
+        return ReplyMailbox("maildir", path=path)
     assert mbox is not None  # noqa: S101 - exactly one of the three is set here
     path = mbox.expanduser().absolute()
     if not path.parent.is_dir():
@@ -306,7 +333,30 @@ def open_source(
         raise TransportError(f"{path} is not an mbox file", hint="check --mbox / MAILSH_REPLY_MBOX")
     if not path.exists() and on_warning is not None:
         on_warning(f"{path} does not exist yet; waiting for it to be created")
-    return MboxSource(path, start=mbox_start(path, record.mbox_mark))
+    return ReplyMailbox("mbox", path=path)
+
+
+def open_source(
+    settings: Settings,
+    record: PendingRequest,
+    *,
+    mbox: Path | None = None,
+    maildir: Path | None = None,
+    imap: str | None = None,
+    on_warning: Callable[[str], None] | None = None,
+    mailbox: ReplyMailbox | None = None,
+) -> ReplySource:
+    """Open the reply mailbox (``mailbox``, else :func:`choose_mailbox`) for ``record``."""
+    if mailbox is None:
+        mailbox = choose_mailbox(
+            settings, mbox=mbox, maildir=maildir, imap=imap, on_warning=on_warning
+        )
+    if mailbox.url is not None:
+        return open_imap(settings, mailbox.url, not_before=record.created)
+    assert mailbox.path is not None  # noqa: S101 - mbox and Maildir have a path
+    if mailbox.kind == "maildir":
+        return MaildirSource(mailbox.path, not_before=record.created - MAILDIR_SLACK)
+    return MboxSource(mailbox.path, start=mbox_start(mailbox.path, record.mbox_mark))
 
 
 def reply_fingerprint(record: PendingRequest, trust: TrustStore) -> str:
@@ -347,13 +397,21 @@ class ReplyMatcher:
     server_fingerprint: str
     max_bytes: int
     passphrase: str | None = None
+    on_notice: Callable[[Notice], None] | None = None
     ignored: list[str] = field(default_factory=list)
+    notices: list[Notice] = field(default_factory=list)
     _checked: set[str] = field(default_factory=set)
 
     def check(self, raw: bytes) -> Reply | None:
-        """The reply if ``raw`` is it; None (and the reason noted) otherwise."""
-        from mailsh.envelope import open_reply
+        """The reply if ``raw`` is it; None otherwise.
+
+        An invalid candidate's reason is noted in :attr:`ignored`. A valid notice about
+        the request (docs/protocol.md section 9) is noted in :attr:`notices` and passed
+        to ``on_notice``, but is never the reply: the wait goes on for the outcome.
+        """
+        from mailsh.envelope import open_answer
         from mailsh.errors import GpgError, ProtocolError
+        from mailsh.protocol import Notice
 
         if not looks_like_reply(raw, self.record.request_id):
             return None
@@ -362,7 +420,7 @@ class ReplyMatcher:
             return None
         self._checked.add(digest)
         try:
-            return open_reply(
+            found = open_answer(
                 self.gpg,
                 raw,
                 trust=self.trust,
@@ -375,9 +433,25 @@ class ReplyMatcher:
             )
         except ProtocolError as exc:
             self.ignored.append(exc.reason)
+            return None
         except GpgError:
             self.ignored.append("gpg-error")
-        return None
+            return None
+        if isinstance(found, Notice):
+            self.notices.append(found)
+            if self.on_notice is not None:
+                self.on_notice(found)
+            return None
+        return found
+
+
+def notice_text(notice: Notice) -> str:
+    """One line about a notice (server text made printable)."""
+    rid = notice.request_id or "?"
+    return _printable(
+        f"the server {notice.server} received another copy of request {rid} and did not run "
+        f"it; the original was {notice.original.value} then; still waiting for its outcome"
+    )
 
 
 def ignored_summary(reasons: list[str]) -> str:
@@ -414,6 +488,11 @@ def wait_for_reply(
             f"no valid reply after {timeout:g}s, only {ignored_summary(matcher.ignored)}; "
             "the request may still run"
         )
+    if matcher.notices:
+        message += (
+            f"; the server received a copy of it, and the original was "
+            f"{matcher.notices[-1].original.value} then"
+        )
     if datetime.now(UTC) > matcher.record.expires_at:
         message += f" (it expired at {matcher.record.expires_at:%Y-%m-%d %H:%M:%S}Z)"
     raise WaitTimeoutError(message, hint=f"check later with: mailsh wait-reply {rid}")
@@ -429,32 +508,39 @@ def await_reply(
     imap: str | None = None,
     timeout: float | None = None,
     on_warning: Callable[[str], None] | None = None,
+    on_notice: Callable[[Notice], None] | None = None,
+    source: ReplySource | None = None,
 ) -> Reply:
     """Everything ``mailsh wait-reply`` does before printing: find and verify the reply.
 
-    Marks the pending record answered once the reply is accepted.
+    ``source`` is a mailbox opened before the request was sent (``send --wait`` watches
+    first, then sends); it is closed here. Notices about the request go to ``on_notice``
+    and never end the wait. Marks the pending record answered once the reply is accepted.
     """
     from mailsh.client.pending import PendingStore
     from mailsh.keys.trust import load_trust
 
-    trust = load_trust(settings.trust_file)
-    matcher = ReplyMatcher(
-        gpg=gpg,
-        trust=trust,
-        record=record,
-        server_fingerprint=reply_fingerprint(record, trust),
-        max_bytes=settings.max_message_bytes,
-        passphrase=settings.passphrase(),
-    )
-    source = open_source(
-        settings, record, mbox=mbox, maildir=maildir, imap=imap, on_warning=on_warning
-    )
     try:
+        trust = load_trust(settings.trust_file)
+        matcher = ReplyMatcher(
+            gpg=gpg,
+            trust=trust,
+            record=record,
+            server_fingerprint=reply_fingerprint(record, trust),
+            max_bytes=settings.max_message_bytes,
+            passphrase=settings.passphrase(),
+            on_notice=on_notice,
+        )
+        if source is None:
+            source = open_source(
+                settings, record, mbox=mbox, maildir=maildir, imap=imap, on_warning=on_warning
+            )
         reply = wait_for_reply(
             matcher, source, timeout=settings.wait_timeout if timeout is None else timeout
         )
     finally:
-        source.close()
+        if source is not None:
+            source.close()
     if record.answered_at is None:
         PendingStore(settings.home).mark_answered(record, now=datetime.now(UTC))
     return reply
@@ -505,8 +591,9 @@ def failure(reply: Reply) -> RemoteFailureError | None:
         )
     if reply.status is ReplyStatus.ERROR:
         return RemoteFailureError(
-            f"the server {reply.server} could not run request {rid}: {reason}",
-            hint="ask the server's operator to look at its log",
+            f"the server {reply.server} reported an error for request {rid}: {reason}",
+            hint="the reason says whether the command ran; it will not be run again. "
+            "Ask the server's operator to look at its log",
         )
     if reply.status is ReplyStatus.OUTCOME_UNKNOWN:
         return RemoteFailureError(

@@ -144,6 +144,7 @@ def add_trusted_key(
             hint="export a single key (mailsh keys export) and trust that file",
         )
     fingerprint = str(public[0]["fingerprint"]).upper()
+    _refuse_unanswerable(public[0], fingerprint, key_file)
     result = gpg.raw.import_keys(data.decode("utf-8", errors="replace"))
     imported = {str(r.get("fingerprint", "")).upper() for r in result.results}
     if fingerprint not in imported:
@@ -177,6 +178,19 @@ def add_trusted_key(
     kept = tuple(k for k in store.keys if k.fingerprint != fingerprint)
     save_trust(path, replace(store, keys=(*kept, entry)))
     return entry
+
+
+def _refuse_unanswerable(key: dict[str, object], fingerprint: str, key_file: Path) -> None:
+    """A key that cannot receive an encrypted reply could never be answered: refuse it."""
+    from mailsh.keys.capability import NO_ENCRYPTION_HINT, usable_for_encryption
+
+    if not usable_for_encryption(key):
+        raise IdentityError(
+            f"key {fingerprint} in {key_file} has no usable encryption subkey (it is "
+            "sign-only, or its encryption subkey expired or was revoked), so no reply "
+            "could ever be encrypted to it",
+            hint=NO_ENCRYPTION_HINT,
+        )
 
 
 def remove_trusted_key(path: Path, fingerprint: str) -> TrustedKey:

@@ -21,25 +21,21 @@ import fcntl
 import logging
 import os
 import signal
-import socket
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
-from mailsh import envelope
 from mailsh.errors import ConfigError, DependencyError
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.identity import require_identity
-from mailsh.keys.trust import load_trust
-from mailsh.protocol import Reply, ReplyStatus
 from mailsh.server.cgroup import Containment
 from mailsh.server.maildir import MaildirIntake
 from mailsh.server.mbox import MboxIntake
 from mailsh.server.outbound import Mailer, OutboundWorker, mailer_from_settings
-from mailsh.server.processor import Processor, ServerIdentity, decision
+from mailsh.server.processor import Processor, ServerIdentity
 from mailsh.server.spool import Spool, SpooledMessage
 from mailsh.server.state import MessageState, StateDB
 from mailsh.server.watch import Watcher
@@ -59,6 +55,8 @@ class ServeOptions:
 
 
 MIN_AIOSMTPD = (1, 4, 6)
+#: Seconds between looks for claims of serve processes that died beside this one.
+CLAIM_SWEEP_INTERVAL = 30.0
 LOOP_BACKOFF_START = 0.5
 """Seconds the main loop waits after a failed iteration (doubled while failures repeat)."""
 LOOP_BACKOFF_MAX = 30.0
@@ -141,27 +139,6 @@ def server_identity(settings: Settings, gpg: Gpg) -> ServerIdentity:
     return ServerIdentity(fingerprint=identity.fingerprint, addresses=addresses)
 
 
-def _claimant_gone_or_me(claimed_by: str) -> bool:
-    host, _, pid_text = claimed_by.rpartition(":")
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return True  # another host's claim in a shared home: nobody else will settle it
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    # The pid exists; it is a live claimant only if it is a mailsh serve process.
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True
-    return b"mailsh" not in cmdline
-
-
 class Server:
     def __init__(
         self, settings: Settings, options: ServeOptions, *, mailer: Mailer | None = None
@@ -197,6 +174,7 @@ class Server:
         )
         self.smtp_port: int | None = None
         self.abandoned = 0  # commands still running when shutdown gave up on them
+        self._last_sweep = 0.0
         self.loop_errors = 0  # main-loop iterations that failed and were retried
         self.containment: Containment | None = None  # chosen when run() starts
 
@@ -305,6 +283,7 @@ class Server:
                 self.dispatch()
                 watcher.wait(timeout=1.0)
                 self.reap()
+                self.sweep_if_due()
             except Exception as exc:  # the daemon outlives any one failure (P11)
                 backoff = min(max(backoff * 2, LOOP_BACKOFF_START), LOOP_BACKOFF_MAX)
                 self.loop_errors += 1
@@ -384,7 +363,7 @@ class Server:
         for fut in running:
             with contextlib.suppress(Exception):
                 fut.result(timeout=deadline)
-        self.report_unfinished()
+        self.report_unfinished(final=True)
         if self.listener is not None:
             self.listener.stop()  # type: ignore[attr-defined]
         self.outbound.flush()
@@ -397,58 +376,32 @@ class Server:
     # -- crash recovery ---------------------------------------------------------------
 
     def recover(self) -> None:
-        self.spool.clean_tmp()
+        """Settle what a crash left behind. Errors are contained per item and logged:
+        no message or claim can keep serve from starting."""
+        try:
+            self.spool.clean_tmp()
+        except Exception:
+            log.exception("cleaning the spool's tmp/ failed")
         self.report_unfinished()
 
-    def report_unfinished(self) -> None:
-        """Claimed requests that never finished: report outcome unknown, never re-run.
+    def report_unfinished(self, *, final: bool = False) -> None:
+        """Claims whose process is gone: report outcome unknown, once; never re-run.
 
-        Only claims of this process or of a process that no longer exists on this host
-        are settled: another live serve sharing the home is still running its command.
+        A claim of another live serve sharing the home is left alone: that process is
+        still running its command. This process's own claims count only when their
+        worker is no longer running, or with ``final`` (shutdown after the grace period).
         """
-        trust = load_trust(self.settings.trust_file)
-        for claimed in self.state.unfinished_requests():
-            if not _claimant_gone_or_me(claimed.claimed_by):
-                continue
-            fut = self._inflight.get(claimed.spool_id)
-            if fut is not None and not fut.done():
-                self.abandoned += 1  # still running after the grace period
-            entry = trust.get(claimed.signer)
-            reply = Reply(
-                request_id=claimed.request_id if len(claimed.request_id) == 32 else None,
-                request_sha256=claimed.request_sha256,
-                server=self.identity.address,
-                status=ReplyStatus.OUTCOME_UNKNOWN,
-                reason="the server stopped while the command was running; it may or may not "
-                "have completed, and it will not be run again",
-            )
-            if entry is None:
-                self.state.finish_request(claimed.signer, claimed.request_id, "outcome-unknown")
-                continue
-            mail = envelope.seal_reply(
-                self.gpg,
-                reply,
-                signer=self.identity.fingerprint,
-                recipient=claimed.signer,
-                to_addr=entry.reply_to,
-                in_reply_to=None,
-                passphrase=self.settings.passphrase(),
-            )
-            self.state.finish_with_reply(
-                spool_id=claimed.spool_id,
-                state=MessageState.OUTCOME_UNKNOWN,
-                reason="interrupted",
-                signer=claimed.signer,
-                request_id=claimed.request_id,
-                request_status="outcome-unknown",
-                to_addr=entry.reply_to,
-                from_addr=self.identity.address,
-                message=mail,
-            )
-            decision(
-                "outcome-unknown",
-                message=claimed.spool_id,
-                signer=claimed.signer,
-                request=claimed.request_id,
-                at=datetime.now(UTC).isoformat(timespec="seconds"),
-            )
+        running = {mid for mid, fut in self._inflight.items() if not fut.done()}
+        if final:
+            self.abandoned += len(running)
+        self.processor.settle_abandoned(running, mine_too=final)
+        self._last_sweep = time.monotonic()
+
+    def sweep_if_due(self) -> None:
+        """Notice claims of serve processes that died beside this one (about a minute)."""
+        if time.monotonic() - self._last_sweep >= CLAIM_SWEEP_INTERVAL:
+            try:
+                self.report_unfinished()
+            except Exception:
+                log.exception("settling abandoned claims failed; retrying later")
+                self._last_sweep = time.monotonic()

@@ -19,7 +19,7 @@ from aiosmtpd.controller import Controller
 
 from mailsh import envelope, protocol
 from mailsh.keys.trust import add_trusted_key, load_trust
-from mailsh.protocol import Reply
+from mailsh.protocol import Notice, Reply
 from mailsh.settings import Settings, load_settings
 from tests.conftest import Home
 
@@ -139,7 +139,23 @@ def mbox_append(path: Path, *mails: bytes) -> None:
 def open_reply(
     client: Home, server_home: Home, sealed: envelope.SealedRequest, raw: bytes
 ) -> Reply:
+    """The outcome reply in ``raw`` (a notice raises: it is never an outcome)."""
     return envelope.open_reply(
+        client.gpg,
+        raw,
+        trust=load_trust(client.settings.trust_file),
+        server_fingerprint=server_home.fingerprint,
+        request_id=sealed.request.request_id,
+        request_sha256=sealed.payload_sha256,
+        now=datetime.now(UTC),
+        max_bytes=50_000_000,
+    )
+
+
+def open_answer(
+    client: Home, server_home: Home, sealed: envelope.SealedRequest, raw: bytes
+) -> Reply | Notice:
+    return envelope.open_answer(
         client.gpg,
         raw,
         trust=load_trust(client.settings.trust_file),
@@ -170,6 +186,20 @@ def replies_for(
             out.append(open_reply(client, server_home, sealed, msg.data))
         except Exception:  # noqa: S112 - other requests' replies are expected here
             continue
+    return out
+
+
+def notices_for(
+    client: Home, server_home: Home, sealed: envelope.SealedRequest, sink: Sink
+) -> list[Notice]:
+    out = []
+    for msg in sink.messages:
+        try:
+            found = open_answer(client, server_home, sealed, msg.data)
+        except Exception:  # noqa: S112 - other requests' replies are expected here
+            continue
+        if isinstance(found, Notice):
+            out.append(found)
     return out
 
 

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from mailsh.protocol import ReplyStatus
+from mailsh.protocol import OriginalState, ReplyStatus
 from mailsh.server.daemon import ServeOptions, Server
 from mailsh.server.state import MessageState, StateDB
 from tests.conftest import Home
 from tests.integration.serverkit import (
     Sink,
     mbox_append,
+    notices_for,
     open_reply,
     pair,
     replies_for,
@@ -77,6 +78,8 @@ def test_binary_stdin_and_output_byte_exact(
 def test_replay_runs_once_even_rewrapped(
     alice: Home, srv: Home, sink: Sink, tmp_path: Path
 ) -> None:
+    """Copies (duplicate delivery, re-wrapped replay) never run and never get a second
+    outcome: one ``ok`` reply, one notice for the first copy, nothing for the next."""
     marker = tmp_path / "ran"
     mbox = tmp_path / "root.mbox"
     sealed = request(alice, srv, f"echo x >> {marker}")
@@ -92,9 +95,14 @@ def test_replay_runs_once_even_rewrapped(
     serve_once(srv, sink, tmp_path, mboxes=[mbox])
 
     assert marker.read_text() == "x\n"  # ran exactly once
-    replies = replies_for(alice, srv, sealed, sink)
-    assert sorted(r.status.value for r in replies) == ["ok", "rejected", "rejected"]
-    assert all("replay" in (r.reason or "") for r in replies if r.status is ReplyStatus.REJECTED)
+    [reply] = replies_for(alice, srv, sealed, sink)
+    assert reply.status is ReplyStatus.OK
+    [notice] = notices_for(alice, srv, sealed, sink)
+    assert notice.original is OriginalState.FINISHED
+    assert notice.request_id == sealed.request.request_id
+    assert len(sink.messages) == 2
+    counts = StateDB(srv.settings.state_db).counts()
+    assert (counts["replied"], counts["duplicate"]) == (1, 2)
 
 
 def test_unauthenticated_and_forged_mail_get_no_reply(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -14,9 +13,12 @@ from pathlib import Path
 from typing import Any, Self
 
 from mailsh.errors import StateError
+from mailsh.server import claimant
 from mailsh.server.state.model import (
     BUSY_TIMEOUT,
     MessageState,
+    _check_transition,
+    _ts,
     _utcnow,
 )
 from mailsh.server.state.schema import MIGRATIONS, SCHEMA_VERSION
@@ -34,7 +36,7 @@ class _Connection:
         self._lock = threading.Lock()
         self._conns: list[sqlite3.Connection] = []
         self._closed = False
-        self._owner = f"{socket.gethostname()}:{os.getpid()}"
+        self._owner = claimant.this_process()
         if not path.exists():
             # Private from the first byte; SQLite gives the -wal/-shm files the same mode.
             with contextlib.suppress(FileExistsError):
@@ -150,3 +152,21 @@ class _Connection:
         if row is None:
             raise StateError(f"message {spool_id} was never recorded")
         return MessageState(row[0])
+
+    def _set_state(
+        self,
+        conn: sqlite3.Connection,
+        spool_id: str,
+        state: MessageState,
+        reason: str | None,
+        signer: str | None,
+        request_id: str | None,
+    ) -> None:
+        """Move a message to ``state`` inside ``conn``'s transaction (transition checked)."""
+        _check_transition(spool_id, self._current_state(conn, spool_id), state)
+        conn.execute(
+            "UPDATE messages SET state = ?, reason = coalesce(?, reason),"
+            " signer = coalesce(?, signer), request_id = coalesce(?, request_id),"
+            " updated_at = ? WHERE spool_id = ?",
+            (state, reason, signer, request_id, _ts(self._clock()), spool_id),
+        )

@@ -8,6 +8,7 @@ import sqlite3
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from mailsh.errors import StateError
 from mailsh.server.state.model import (
@@ -15,10 +16,10 @@ from mailsh.server.state.model import (
     STATE_FILE,
     AuditEntry,
     ClaimedRequest,
+    MailToQueue,
     MessageRecord,
     MessageState,
     StatusError,
-    _check_transition,
     _dt,
     _ts,
     _utcnow,
@@ -26,6 +27,27 @@ from mailsh.server.state.model import (
 from mailsh.server.state.outbound import _OutboundQueue
 
 log = logging.getLogger("mailsh.server.state")
+
+_CLAIM_SELECT = (
+    "SELECT signer, request_id, signature_id, issued_at, request_sha256, spool_id,"
+    " claimed_at, claimed_by, finished_at, status, notice_sent_at FROM requests"
+)
+
+
+def _claim(r: Any) -> ClaimedRequest:
+    return ClaimedRequest(
+        signer=r[0],
+        request_id=r[1],
+        signature_id=r[2],
+        issued_at=_dt(r[3]),
+        request_sha256=r[4],
+        spool_id=r[5],
+        claimed_at=_dt(r[6]),
+        claimed_by=r[7],
+        finished_at=None if r[8] is None else _dt(r[8]),
+        status=r[9],
+        notice_sent_at=None if r[10] is None else _dt(r[10]),
+    )
 
 
 class StateDB(_OutboundQueue):
@@ -69,13 +91,7 @@ class StateDB(_OutboundQueue):
             current = self._current_state(conn, spool_id)
             if current == state and state in FINAL_STATES:
                 return
-            _check_transition(spool_id, current, state)
-            conn.execute(
-                "UPDATE messages SET state = ?, reason = coalesce(?, reason),"
-                " signer = coalesce(?, signer), request_id = coalesce(?, request_id),"
-                " updated_at = ? WHERE spool_id = ?",
-                (state, reason, signer, request_id, _ts(self._clock()), spool_id),
-            )
+            self._set_state(conn, spool_id, state, reason, signer, request_id)
 
     def message_state(self, spool_id: str) -> MessageState | None:
         """The message's state, or None if it was never recorded."""
@@ -209,17 +225,138 @@ class StateDB(_OutboundQueue):
 
         After a crash these are reported "outcome unknown", never re-run. With several
         serve processes on one file a live process's running requests are listed too:
-        filter on ``claimed_by`` (``host:pid``) and only recover those of dead processes.
+        check ``claimed_by`` (:func:`mailsh.server.claimant.is_gone`) and only settle
+        those of dead processes.
         """
         with self._read() as conn:
             rows = conn.execute(
-                "SELECT signer, request_id, signature_id, issued_at, request_sha256, spool_id,"
-                " claimed_at, claimed_by FROM requests WHERE finished_at IS NULL"
-                " ORDER BY claimed_at, signer, request_id"
+                _CLAIM_SELECT + " WHERE finished_at IS NULL ORDER BY claimed_at, signer, request_id"
             ).fetchall()
-        return [
-            ClaimedRequest(r[0], r[1], r[2], _dt(r[3]), r[4], r[5], _dt(r[6]), r[7]) for r in rows
-        ]
+        return [_claim(r) for r in rows]
+
+    def find_claim(self, signer: str, request_id: str) -> ClaimedRequest | None:
+        """The replay record of (``signer``, ``request_id``), finished or not."""
+        row = self._conn_read_one(
+            _CLAIM_SELECT + " WHERE signer = ? AND request_id = ?", (signer, request_id)
+        )
+        return None if row is None else _claim(row)
+
+    def record_rejection(
+        self,
+        *,
+        spool_id: str,
+        signer: str,
+        request_id: str,
+        issued_at: datetime,
+        request_sha256: str,
+        reason: str,
+        reply: MailToQueue | None,
+    ) -> bool:
+        """Record an authenticated request's one outcome, ``rejected``, in one transaction.
+
+        The replay record is written already finished (so a later copy is a duplicate and
+        never runs, not a second verdict), the message becomes ``rejected`` (or
+        ``unreported`` without ``reply``) and ``reply`` is queued. False, and nothing
+        written, when the request was already taken: the caller treats it as a copy.
+        """
+        now = _ts(self._clock())
+        with self._write() as conn:
+            inserted = conn.execute(
+                "INSERT INTO requests (signer, request_id, signature_id, issued_at,"
+                " request_sha256, spool_id, claimed_at, claimed_by, finished_at, status)"
+                " VALUES (?, ?, NULL, ?, ?, ?, ?, ?, ?, 'rejected')"
+                " ON CONFLICT DO NOTHING RETURNING 1",
+                (
+                    signer,
+                    request_id,
+                    _ts(issued_at),
+                    request_sha256,
+                    spool_id,
+                    now,
+                    self._owner,
+                    now,
+                ),
+            ).fetchone()
+            if inserted is None:
+                return False
+            state = MessageState.REJECTED if reply is not None else MessageState.UNREPORTED
+            self._set_state(conn, spool_id, state, reason, signer, request_id)
+            if reply is not None:
+                self._enqueue(
+                    conn, reply.to_addr, reply.from_addr, reply.message, spool_id, request_id
+                )
+        return True
+
+    def finish_duplicate(
+        self,
+        *,
+        spool_id: str,
+        signer: str,
+        request_id: str,
+        reason: str,
+        notice: MailToQueue | None,
+    ) -> bool:
+        """Give a copy of an already-taken request its final state, ``duplicate``.
+
+        ``notice`` is queued only if no notice about this request was queued before (at
+        most one per request, whatever the number of copies). Returns whether it was.
+        """
+        now = _ts(self._clock())
+        with self._write() as conn:
+            queued = False
+            if notice is not None:
+                queued = (
+                    conn.execute(
+                        "UPDATE requests SET notice_sent_at = ? WHERE signer = ?"
+                        " AND request_id = ? AND notice_sent_at IS NULL RETURNING 1",
+                        (now, signer, request_id),
+                    ).fetchone()
+                    is not None
+                )
+            self._set_state(conn, spool_id, MessageState.DUPLICATE, reason, signer, request_id)
+            if queued and notice is not None:
+                self._enqueue(
+                    conn, notice.to_addr, notice.from_addr, notice.message, spool_id, request_id
+                )
+        return queued
+
+    def settle_claim(
+        self,
+        *,
+        signer: str,
+        request_id: str,
+        status: str,
+        message_state: MessageState,
+        reason: str | None,
+        reply: MailToQueue | None,
+    ) -> bool:
+        """Finish an open claim with ``status`` and queue ``reply``, in one transaction.
+
+        The claim's message gets ``message_state`` unless it already has a final state (a
+        final state is never changed; the claim is finished all the same, so no message
+        state can keep a claim open). False, and nothing written, when the claim is
+        already finished: of several processes settling one claim, exactly one reports.
+        """
+        now = _ts(self._clock())
+        with self._write() as conn:
+            row = conn.execute(
+                "UPDATE requests SET finished_at = ?, status = ? WHERE signer = ?"
+                " AND request_id = ? AND finished_at IS NULL RETURNING spool_id",
+                (now, status, signer, request_id),
+            ).fetchone()
+            if row is None:
+                return False
+            spool_id: str = row[0]
+            current = conn.execute(
+                "SELECT state FROM messages WHERE spool_id = ?", (spool_id,)
+            ).fetchone()
+            if current is not None and MessageState(current[0]) not in FINAL_STATES:
+                self._set_state(conn, spool_id, message_state, reason, signer, request_id)
+            if reply is not None:
+                self._enqueue(
+                    conn, reply.to_addr, reply.from_addr, reply.message, spool_id, request_id
+                )
+        return True
 
     def audit(self, event: str, **fields: str | int | None) -> None:
         """Append one event to the audit log (never message bodies or secrets)."""

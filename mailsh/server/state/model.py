@@ -26,6 +26,8 @@ class MessageState(StrEnum):
     REPLIED = "replied"  # executed and reported
     REJECTED = "rejected"  # rejected and reported to the signer
     OUTCOME_UNKNOWN = "outcome_unknown"  # interrupted by a crash, reported, never re-run
+    DUPLICATE = "duplicate"  # a copy of a request already taken: never run, at most a notice
+    UNREPORTED = "unreported"  # taken, but no report could be sealed (e.g. no encryption key)
     DISCARDED = "discarded"  # unauthenticated: discarded and logged, no reply (P7)
     QUARANTINED = "quarantined"  # unparseable or crashed the processor repeatedly (P11)
 
@@ -39,6 +41,8 @@ FINAL_STATES = frozenset(
         MessageState.REPLIED,
         MessageState.REJECTED,
         MessageState.OUTCOME_UNKNOWN,
+        MessageState.DUPLICATE,
+        MessageState.UNREPORTED,
         MessageState.DISCARDED,
         MessageState.QUARANTINED,
     }
@@ -73,7 +77,13 @@ class MessageRecord:
 
 @dataclass(frozen=True)
 class ClaimedRequest:
-    """A replay-record row. ``claimed_by`` is ``host:pid`` of the claiming process."""
+    """A replay-record row: a request this server has taken, run or not.
+
+    ``claimed_by`` names the claiming process (:mod:`mailsh.server.claimant`);
+    ``status`` is set when the request got its outcome (``finished_at``), e.g. ``ok``,
+    ``rejected``, ``outcome-unknown``; ``notice_sent_at`` when a copy of it was answered
+    with a notice (at most once).
+    """
 
     signer: str
     request_id: str
@@ -83,6 +93,18 @@ class ClaimedRequest:
     spool_id: str
     claimed_at: datetime
     claimed_by: str
+    finished_at: datetime | None = None
+    status: str | None = None
+    notice_sent_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class MailToQueue:
+    """A sealed mail to queue with a state change (see :meth:`StateDB.settle_claim`)."""
+
+    to_addr: str
+    from_addr: str
+    message: bytes
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ from mailsh.server.state.model import (
     REPORTED_STATES,
     MessageState,
     Outbound,
-    _check_transition,
     _dt,
     _ts,
 )
@@ -86,12 +85,9 @@ class _OutboundQueue(_Connection):
             raise ValueError(f"{state} is not a reported state")
         now = _ts(self._clock())
         with self._write() as conn:
-            _check_transition(spool_id, self._current_state(conn, spool_id), state)
+            self._set_state(conn, spool_id, state, reason, signer, request_id)
             (request_id,) = conn.execute(
-                "UPDATE messages SET state = ?, reason = coalesce(?, reason),"
-                " signer = coalesce(?, signer), request_id = coalesce(?, request_id),"
-                " updated_at = ? WHERE spool_id = ? RETURNING request_id",
-                (state, reason, signer, request_id, now, spool_id),
+                "SELECT request_id FROM messages WHERE spool_id = ?", (spool_id,)
             ).fetchone()
             outbound_id = self._enqueue(conn, to_addr, from_addr, message, spool_id, request_id)
             conn.execute(

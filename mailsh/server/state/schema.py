@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -61,5 +61,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
            BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END""",
         """CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
            BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END""",
+    ),
+    # v2: one outcome per request (docs/protocol.md section 9). A notice about a copy of
+    # a request is sent at most once; rejected requests are recorded here too, so a copy
+    # of a rejected request is a duplicate, not a second verdict.
+    2: (
+        "ALTER TABLE requests ADD COLUMN notice_sent_at TEXT",
+        "CREATE INDEX requests_by_spool_id ON requests (spool_id)",
     ),
 }

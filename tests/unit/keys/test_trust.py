@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import stat
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -119,6 +120,7 @@ def test_key_without_email_needs_reply_to(ring: Gpg, tmp_path: Path) -> None:
     with forge.scratch_home() as home:
         forge.gpg(home, "--quick-gen-key", "Ops Robot", "ed25519", "sign", "1y")
         [fpr] = forge.fingerprints(home)
+        forge.gpg(home, "--quick-add-key", fpr, "cv25519", "encr", "1y")
         key = tmp_path / "ops.asc"
         key.write_bytes(forge.gpg(home, "--armor", "--export", fpr))
     with pytest.raises(IdentityError) as info:
@@ -181,3 +183,23 @@ def test_gpg_keyring_and_trust_levels_do_not_authorize(
     with pytest.raises(ProtocolError) as info:
         check()
     assert info.value.reason == "signer-not-pinned"
+
+
+def test_key_that_cannot_receive_a_reply_is_refused(ring: Gpg, tmp_path: Path) -> None:
+    """A sign-only key, or one whose encryption subkey expired, could authorize commands
+    whose results could never be encrypted to it (issue: exactly once, point 4)."""
+    with forge.scratch_home() as home:
+        forge.gpg(home, "--quick-gen-key", "ops <ops@example.org>", "ed25519", "sign", "1y")
+        [fpr] = forge.fingerprints(home)
+        sign_only = tmp_path / "sign-only.asc"
+        sign_only.write_bytes(forge.gpg(home, "--armor", "--export", fpr))
+        forge.gpg(home, "--quick-add-key", fpr, "cv25519", "encr", "seconds=1")
+        expired = tmp_path / "expired-subkey.asc"
+        time.sleep(2)
+        expired.write_bytes(forge.gpg(home, "--armor", "--export", fpr))
+    store = tmp_path / "t.json"
+    for key in (sign_only, expired):
+        with pytest.raises(IdentityError, match="no usable encryption subkey") as info:
+            add_trusted_key(ring, store, key, reply_to=None)
+        assert info.value.hint is not None and "encr" in info.value.hint
+    assert not load_trust(store).is_pinned(fpr)

@@ -537,6 +537,8 @@ def test_counts_and_last_errors(db: StateDB, clock: Clock) -> None:
         "replied": 0,
         "rejected": 0,
         "outcome_unknown": 0,
+        "duplicate": 0,
+        "unreported": 0,
         "discarded": 2,
         "quarantined": 1,
         "outbound_pending": 1,
