@@ -155,6 +155,8 @@ class Reply(_Strict):
     stderr_truncated: bool = False
     started_at: UtcDatetime | None = None
     finished_at: UtcDatetime | None = None
+    memory_peak_bytes: Annotated[int, Field(ge=0)] | None = None  # cgroup memory.peak
+    pids_peak: Annotated[int, Field(ge=0)] | None = None  # cgroup pids.peak
 
     @property
     def shell_status(self) -> int:
@@ -196,9 +198,17 @@ def new_request_id() -> str:
     return secrets.token_hex(16)
 
 
+#: Reply fields added to v1 before its first release: left out of the payload when
+#: unset, so a reply without them is byte-for-byte what every v1 client accepts.
+OMITTED_WHEN_UNSET = frozenset({"memory_peak_bytes", "pids_peak"})
+
+
 def encode_payload(model: Request | Reply | Notice) -> bytes:
     """The exact bytes that get signed: compact, key-sorted JSON in UTF-8."""
     doc = model.model_dump(mode="json", exclude_none=False)
+    for name in OMITTED_WHEN_UNSET:
+        if doc.get(name, 0) is None:
+            del doc[name]
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 

@@ -15,9 +15,9 @@ import os
 import stat
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -31,6 +31,8 @@ from mailsh.errors import ConfigError
 
 CONFIG_FILE_NAME = "mailsh.toml"
 MiB = 1024 * 1024
+DEFAULT_RUN_AS_MAX_PROCESSES = 256
+"""RLIMIT_NPROC of commands when ``run_as`` is set and ``max_processes`` is not."""
 
 
 def default_home() -> Path:
@@ -118,9 +120,32 @@ class Settings(BaseSettings):
     max_output_bytes: int = Field(default=1 * MiB, gt=0, description="per stream")
     workers: int = Field(default=1, ge=1, le=64)
     run_as: str | None = None
+    max_processes: int | None = Field(
+        default=None,
+        ge=0,
+        description="RLIMIT_NPROC for commands (per user; 0 = none) "
+        f"[{DEFAULT_RUN_AS_MAX_PROCESSES} with run_as, else none]",
+    )
     workdir: Path | None = None
     require_encryption: bool = False
     log_format: Literal["text", "json"] = "text"
+
+    # -- embedded SMTP listener limits (serve --smtp-listen; docs/server.md) ----------------
+    smtp_max_sessions: int = Field(
+        default=100, ge=1, description="concurrent SMTP sessions in total"
+    )
+    smtp_max_sessions_per_peer: int = Field(
+        default=10, ge=1, description="concurrent SMTP sessions per peer address (IPv6: /64)"
+    )
+    smtp_idle_timeout: float = Field(
+        default=60.0, gt=0, description="seconds an SMTP client may send nothing"
+    )
+    smtp_command_timeout: float = Field(
+        default=300.0, gt=0, description="seconds from one SMTP command to the next (DATA too)"
+    )
+    smtp_max_messages: int = Field(
+        default=50, ge=1, description="mail transactions (MAIL FROM) per SMTP session"
+    )
 
     @field_validator("address", mode="before")
     @classmethod
@@ -128,6 +153,24 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _per_peer_within_total(self) -> Self:
+        if self.smtp_max_sessions_per_peer > self.smtp_max_sessions:
+            raise ValueError(
+                f"smtp_max_sessions_per_peer ({self.smtp_max_sessions_per_peer}) must not "
+                f"exceed smtp_max_sessions ({self.smtp_max_sessions})"
+            )
+        return self
+
+    @property
+    def command_max_processes(self) -> int | None:
+        """The RLIMIT_NPROC commands get: ``max_processes``, with 0 meaning none, and by
+        default :data:`DEFAULT_RUN_AS_MAX_PROCESSES` for a ``run_as`` user, else none (a
+        limit would count the serve user's own processes and threads too)."""
+        if self.max_processes is None:
+            return DEFAULT_RUN_AS_MAX_PROCESSES if self.run_as else None
+        return self.max_processes or None
 
     @classmethod
     def settings_customise_sources(
@@ -255,7 +298,13 @@ def load_settings(**flags: Any) -> Settings:
         settings = Settings(**family_overrides(given), **given)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        where = ".".join(str(p) for p in first["loc"])
+        if not where:  # a rule across settings (a model validator)
+            message = str(first["msg"]).removeprefix("Value error, ")
+            raise ConfigError(
+                f"invalid settings: {message}",
+                hint=f"check the flags, MAILSH_* variables and {CONFIG_FILE_NAME}",
+            ) from exc
         raise ConfigError(
             f"invalid setting {where}: {first['msg']}",
             hint=f"check the --{where.replace('_', '-')} flag, MAILSH_{where.upper()} "

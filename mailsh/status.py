@@ -150,6 +150,11 @@ def serve_section(ctx: StatusContext) -> Section | None:
             for p in procs
         ]
         rows += [("sources", ", ".join(p.sources) or "-") for p in procs[:1]]
+    from mailsh.server.cgroup import recorded
+
+    containment = recorded(ctx.settings.home)  # as the last serve on this home chose it
+    rows.append(("commands", containment))
+    data["command_containment"] = containment
     return Section("serve", "serve", data, rows=rows)
 
 

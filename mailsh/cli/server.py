@@ -158,6 +158,62 @@ def serve(
             help="Output kept per stream (stdout, stderr) [1 MiB].",
         ),
     ] = None,
+    max_processes: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            "--max-processes",
+            metavar="N",
+            envvar="MAILSH_MAX_PROCESSES",
+            help="RLIMIT_NPROC for commands: processes their user may have; 0 = no limit "
+            "[256 with --run-as, else none]. Root ignores it (docs/server.md).",
+        ),
+    ] = None,
+    smtp_max_sessions: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            "--smtp-max-sessions",
+            metavar="N",
+            envvar="MAILSH_SMTP_MAX_SESSIONS",
+            help="Concurrent SMTP sessions in total; more get 421 [100].",
+        ),
+    ] = None,
+    smtp_max_sessions_per_peer: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            "--smtp-max-sessions-per-peer",
+            metavar="N",
+            envvar="MAILSH_SMTP_MAX_SESSIONS_PER_PEER",
+            help="Concurrent SMTP sessions per client address (IPv6: per /64) [10].",
+        ),
+    ] = None,
+    smtp_idle_timeout: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            "--smtp-idle-timeout",
+            metavar="SECONDS",
+            envvar="MAILSH_SMTP_IDLE_TIMEOUT",
+            help="Close (421) an SMTP client that sends nothing this long [60].",
+        ),
+    ] = None,
+    smtp_command_timeout: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            "--smtp-command-timeout",
+            metavar="SECONDS",
+            envvar="MAILSH_SMTP_COMMAND_TIMEOUT",
+            help="Close (421) an SMTP client that takes longer from one command to the "
+            "next, a whole DATA included [300].",
+        ),
+    ] = None,
+    smtp_max_messages: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            "--smtp-max-messages",
+            metavar="N",
+            envvar="MAILSH_SMTP_MAX_MESSAGES",
+            help="Mail transactions per SMTP session; then 421 [50].",
+        ),
+    ] = None,
     require_encryption: Annotated[
         Optional[bool],  # noqa: UP045
         typer.Option(
@@ -211,6 +267,12 @@ def serve(
         command_timeout=command_timeout,
         max_command_timeout=max_command_timeout,
         max_output_bytes=max_output_bytes,
+        max_processes=max_processes,
+        smtp_max_sessions=smtp_max_sessions,
+        smtp_max_sessions_per_peer=smtp_max_sessions_per_peer,
+        smtp_idle_timeout=smtp_idle_timeout,
+        smtp_command_timeout=smtp_command_timeout,
+        smtp_max_messages=smtp_max_messages,
         require_encryption=require_encryption,
         log_format=log_format,
     )

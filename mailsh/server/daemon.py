@@ -31,6 +31,7 @@ from types import FrameType
 from mailsh.errors import ConfigError, DependencyError
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.identity import require_identity
+from mailsh.server.cgroup import Containment
 from mailsh.server.maildir import MaildirIntake
 from mailsh.server.mbox import MboxIntake
 from mailsh.server.outbound import Mailer, OutboundWorker, mailer_from_settings
@@ -56,6 +57,43 @@ class ServeOptions:
 MIN_AIOSMTPD = (1, 4, 6)
 #: Seconds between looks for claims of serve processes that died beside this one.
 CLAIM_SWEEP_INTERVAL = 30.0
+LOOP_BACKOFF_START = 0.5
+"""Seconds the main loop waits after a failed iteration (doubled while failures repeat)."""
+LOOP_BACKOFF_MAX = 30.0
+"""The longest wait between retries of a failing main loop."""
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for a log: ``[Errno 24] Too many open files`` or ``Type: message``."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"[Errno {exc.errno}] {exc.strerror}{where}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's RLIMIT_NOFILE soft limit to its hard limit; return the new soft
+    limit. Sessions, spool files and gpg pipes all take descriptors: the usual soft limit
+    of 1024 is the first thing a flood of connections exhausts. (An unlimited hard limit
+    is capped at the kernel's ``fs.nr_open``, the most a process may have.)"""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            target = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            target = soft
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, target, exc)
+            return soft
+        log.info("open files limit raised from %d to %d", soft, target)
+        return target
+    return soft
 
 
 def check_dependencies(*, smtp_listener: bool) -> None:
@@ -138,6 +176,8 @@ class Server:
         self.smtp_port: int | None = None
         self.abandoned = 0  # commands still running when shutdown gave up on them
         self._last_sweep = 0.0
+        self.loop_errors = 0  # main-loop iterations that failed and were retried
+        self.containment: Containment | None = None  # chosen when run() starts
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -155,16 +195,24 @@ class Server:
     def start_listener(self) -> None:
         if self.options.smtp_listen is None:
             return
-        from mailsh.server.smtp_listener import SmtpListener
+        from mailsh.server.smtp_listener import SmtpLimits, SmtpListener
 
         host, port = self.options.smtp_listen
         wanted = {a.lower() for a in self.identity.addresses}
+        s = self.settings
         listener = SmtpListener(
             host=host,
             port=port,
             spool=self.spool,
             accept=lambda rcpt: rcpt.lower() in wanted,
-            max_message_bytes=self.settings.max_message_bytes,
+            max_message_bytes=s.max_message_bytes,
+            limits=SmtpLimits(
+                max_sessions=s.smtp_max_sessions,
+                max_sessions_per_peer=s.smtp_max_sessions_per_peer,
+                idle_timeout=s.smtp_idle_timeout,
+                command_timeout=s.smtp_command_timeout,
+                max_messages=s.smtp_max_messages,
+            ),
         )
         listener.start()
         self.listener = listener
@@ -180,6 +228,8 @@ class Server:
                 "commands run as ROOT: any pinned key has full control of this machine; "
                 "use --run-as USER for an unprivileged account"
             )
+        raise_open_files_limit()
+        self.contain_commands()
         self.recover()
         if not self.options.once:
             self.outbound.start()
@@ -187,24 +237,68 @@ class Server:
         try:
             self.start_listener()
             with Watcher(watch_paths, poll_interval=self.options.poll_interval) as watcher:
-                while not self._stop.is_set():
-                    self.collect()
-                    started = self.dispatch()
-                    if self.options.once:
-                        self.drain()
-                        self.collect()
-                        left = self.spool.pending()
-                        if not left:
-                            break
-                        if not started:  # the rest is locked by another serve process
-                            log.info("leaving %d message(s) to another serve process", len(left))
-                            break
-                        continue
-                    watcher.wait(timeout=1.0)
-                    self.reap()
-                    self.sweep_if_due()
+                if self.options.once:
+                    self._run_once()
+                else:
+                    self._serve(watcher)
         finally:
             self.shutdown()
+
+    def contain_commands(self) -> None:
+        """Choose how commands are contained (a cgroup each, or the session kill), tell
+        the processor, log it and record it for ``mailsh status``."""
+        from mailsh.server import cgroup
+
+        self.containment = cgroup.set_up()
+        self.processor.containment = self.containment
+        cgroup.record(self.settings.home, self.containment)
+        if self.containment.mode == "cgroup":
+            log.info("commands contained by %s", self.containment.describe())
+        else:
+            log.warning(
+                "commands contained by session kill only (%s): a command that calls setsid "
+                "can outlive its timeout; see docs/server.md",
+                self.containment.detail,
+            )
+
+    def _run_once(self) -> None:
+        """``--once``: process everything pending, then return; any error ends the run."""
+        while not self._stop.is_set():
+            self.collect()
+            started = self.dispatch()
+            self.drain()
+            self.collect()
+            left = self.spool.pending()
+            if not left:
+                break
+            if not started:  # the rest is locked by another serve process
+                log.info("leaving %d message(s) to another serve process", len(left))
+                break
+
+    def _serve(self, watcher: Watcher) -> None:
+        """The main loop. It survives errors of the system (P11): EMFILE from a flood of
+        connections, ENOSPC, EIO, a locked database. Each is logged, the loop waits
+        (doubling from :data:`LOOP_BACKOFF_START` up to :data:`LOOP_BACKOFF_MAX` seconds
+        while the error persists) and then tries again; nothing is lost, because the spool
+        and the mailboxes still hold every message not yet taken."""
+        backoff = 0.0
+        while not self._stop.is_set():
+            try:
+                self.collect()
+                self.dispatch()
+                watcher.wait(timeout=1.0)
+                self.reap()
+                self.sweep_if_due()
+            except Exception as exc:  # the daemon outlives any one failure (P11)
+                backoff = min(max(backoff * 2, LOOP_BACKOFF_START), LOOP_BACKOFF_MAX)
+                self.loop_errors += 1
+                log.error(
+                    "serve loop: %s; still serving, retrying in %.1fs", _describe(exc), backoff
+                )
+                log.debug("serve loop error", exc_info=exc)
+                self._stop.wait(backoff)
+            else:
+                backoff = 0.0
 
     def collect(self) -> None:
         for intake in self.intakes:
@@ -264,6 +358,9 @@ class Server:
         for mid, fut in list(self._inflight.items()):
             if fut.done():
                 del self._inflight[mid]
+                error = None if fut.cancelled() else fut.exception()
+                if error is not None:  # the spool still holds it: the next dispatch retries
+                    log.error("message %s: processing failed: %s", mid, _describe(error))
 
     def drain(self) -> None:
         for fut in list(self._inflight.values()):
@@ -289,6 +386,10 @@ class Server:
             self.listener.stop()  # type: ignore[attr-defined]
         self.outbound.flush()
         self.outbound.stop()
+        if self.containment is not None:
+            from mailsh.server.cgroup import tear_down
+
+            tear_down(self.containment)
 
     # -- crash recovery ---------------------------------------------------------------
 

@@ -10,27 +10,32 @@ drained for at most ``kill_grace`` seconds and then closed. It is safe to call f
 several threads at once: there is no ``preexec_fn``; resource limits are set by util-linux
 ``prlimit`` exec'd in front of the shell (see :func:`_limited`).
 
-What this does NOT contain (docs/security.md P10, "Known limits"): session and process-group
-membership is voluntary. A plain double fork stays in the group and is killed, but a
-process that calls ``setsid()`` (``setsid cmd &``, or the classic daemonizing
-fork/setsid/fork, e.g. ``daemon``, ``nohup setsid``) leaves both, and neither ``killpg``
+Two modes of containment (docs/server.md "Execution"). With a ``containment`` from
+:func:`mailsh.server.cgroup.set_up` in ``cgroup`` mode, each command runs in a cgroup v2
+of its own, entered before the command runs (:mod:`mailsh.server.cgroup`), and "everything
+left" is everything in that cgroup: a process that left the session (``setsid cmd &``, the
+daemonizing fork/setsid/fork) is still in it and is killed too. The result then carries the
+cgroup's memory and pids peaks where the kernel keeps them.
+
+Otherwise (``session`` mode) what this does NOT contain (docs/security.md P10, "Known limits"):
+session and process-group membership is voluntary. A plain double fork stays in the group
+and is killed, but a process that calls ``setsid()`` leaves both, and neither ``killpg``
 nor the session sweep here can see it: it survives the timeout, keeps running as the
 target user and may hold the output pipes open (we close our ends after the grace period,
-so its next write to them gets SIGPIPE/EPIPE). A command can also start work outside its
-own descendants altogether (``at``, ``cron``, ``systemd-run --user``, an existing
-``tmux``/``screen`` server) and signal or ptrace any other process of the same user.
-Process groups are a cleanup convenience, not a boundary.
+so its next write to them gets SIGPIPE/EPIPE). In both modes a command can start work
+outside its own descendants altogether (``at``, ``cron``, ``systemd-run --user``, an
+existing ``tmux``/``screen`` server) and signal or ptrace any other process of the same
+user: only a dedicated ``--run-as`` user bounds that.
 
 For a real boundary, run commands as a dedicated unprivileged user that cannot read the
 server's home or keys, and run ``mailsh serve`` under a systemd unit (or another cgroup
 manager): ``KillMode=control-group`` kills every process left in the unit's cgroup,
-however it detached, when the service stops or restarts (not after each command);
-``TasksMax=`` bounds processes via the pids controller (counted per cgroup, not per user,
-and not raceable like RLIMIT_NPROC); ``MemoryMax=``/``CPUQuota=`` bound the rest;
-``NoNewPrivileges=yes`` stops setuid binaries from gaining privilege; ``PrivateTmp=yes``,
-``ProtectSystem=strict`` and ``ProtectHome=`` limit what commands can touch. Killing
-escapees after each command needs a cgroup per command (e.g. a transient
-``systemd-run --scope`` unit, killed as a whole); that is left for later.
+however it detached, when the service stops or restarts; with ``Delegate=yes`` serve
+may also create the per-command cgroups above. ``TasksMax=`` bounds processes via the pids
+controller (counted per cgroup, not per user, and not raceable like RLIMIT_NPROC);
+``MemoryMax=``/``CPUQuota=`` bound the rest; ``NoNewPrivileges=yes`` stops setuid binaries
+from gaining privilege; ``PrivateTmp=yes``, ``ProtectSystem=strict`` and ``ProtectHome=``
+limit what commands can touch.
 
 Linux only: the session sweep reads ``/proc`` and exit detection uses ``pidfd_open(2)``
 (falling back to polling).
@@ -55,6 +60,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mailsh.errors import ConfigError, DependencyError
+from mailsh.server.cgroup import CommandCgroup, Containment
 
 __all__ = ["ExecLimits", "ExecResult", "current_user_is_root", "run_command"]
 
@@ -111,6 +117,9 @@ class ExecResult:
     stderr_truncated: bool
     started_at: datetime
     finished_at: datetime
+    containment: str = "session"  # "cgroup" when the command ran in a cgroup of its own
+    memory_peak_bytes: int | None = None  # the cgroup's memory.peak, where the kernel has it
+    pids_peak: int | None = None  # the cgroup's pids.peak, where the kernel has it
 
 
 def current_user_is_root() -> bool:
@@ -400,13 +409,66 @@ class _Pump:
         return bytes(self.out[fd]), self.truncated[fd]
 
 
+@functools.cache
+def _gate_shell() -> str | None:
+    return shutil.which("bash", path=SAFE_PATH)
+
+
+def _gated(argv: list[str], fd: int) -> list[str]:
+    """``argv`` behind a gate: bash waits for one line on ``fd`` (serve writes it once the
+    process is in its cgroup), closes ``fd`` and execs ``argv``; nothing runs if serve
+    closes the pipe without writing. bash, not sh: dash cannot redirect from fd >= 10."""
+    gate = f'read -r _ <&{fd} || exit 125; exec {fd}<&-; exec "$@"'
+    shell = _gate_shell()
+    if shell is None:
+        raise DependencyError("bash not found: cannot start commands in a cgroup")
+    return [shell, "-c", gate, "mailsh-gate", *argv]
+
+
+def _open_cgroup(
+    containment: Containment | None, limits: ExecLimits
+) -> tuple[CommandCgroup | None, tuple[int, int] | None]:
+    """A fresh cgroup and the gate pipe, or (None, None) for the session mode."""
+    if containment is None or containment.mode != "cgroup" or _gate_shell() is None:
+        return None, None
+    try:
+        cgroup = CommandCgroup.create(containment, max_processes=limits.max_processes)
+    except OSError as exc:
+        log.warning("cannot create a cgroup (%s): this command runs in session mode", exc)
+        return None, None
+    return cgroup, os.pipe()
+
+
+def _enter_cgroup(cgroup: CommandCgroup, pid: int, gate: int) -> bool:
+    """Move ``pid`` (waiting at the gate) into ``cgroup``, then open the gate."""
+    try:
+        cgroup.add(pid)
+        entered = True
+    except OSError as exc:
+        log.warning("cannot move command %d into %s (%s): session mode", pid, cgroup.path, exc)
+        entered = False
+    try:
+        os.write(gate, b"go\n")
+    except OSError:  # the gate is gone (killed before it read): the pump sees it exit
+        pass
+    finally:
+        os.close(gate)
+    return entered
+
+
 def _spawn(
-    argv: list[str], *, stdin: bytes | None, cwd: Path, target: _Target
+    argv: list[str],
+    *,
+    stdin: bytes | None,
+    cwd: Path,
+    target: _Target,
+    pass_fds: tuple[int, ...] = (),
 ) -> subprocess.Popen[bytes]:
     switch = target.switch
     try:
         return subprocess.Popen(
             argv,
+            pass_fds=pass_fds,
             stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -451,6 +513,63 @@ def _stop_session(pump: _Pump, sid: int, grace: float) -> None:
     log.warning("processes of session %d survived SIGKILL", sid)
 
 
+def _start(
+    argv: list[str],
+    *,
+    stdin: bytes | None,
+    cwd: Path,
+    target: _Target,
+    cgroup_of: Containment | None,
+    limits: ExecLimits,
+) -> tuple[subprocess.Popen[bytes], CommandCgroup | None]:
+    """Spawn ``argv``: in a cgroup of its own when ``cgroup_of`` allows it, else plainly."""
+    cgroup, gate = _open_cgroup(cgroup_of, limits)
+    if cgroup is None or gate is None:
+        return _spawn(argv, stdin=stdin, cwd=cwd, target=target), None
+    try:
+        proc = _spawn(_gated(argv, gate[0]), stdin=stdin, cwd=cwd, target=target, pass_fds=gate[:1])
+    except BaseException:
+        os.close(gate[1])
+        cgroup.remove()
+        raise
+    finally:
+        os.close(gate[0])
+    if not _enter_cgroup(cgroup, proc.pid, gate[1]):
+        cgroup.remove()
+        return proc, None
+    return proc, cgroup
+
+
+def _stop_cgroup(pump: _Pump, cgroup: CommandCgroup, grace: float) -> None:
+    """TERM everything left in the cgroup, wait up to ``grace`` while draining, then KILL
+    the whole cgroup (``cgroup.kill``: forks racing the kill are caught too)."""
+    if not cgroup.populated():
+        return
+    cgroup.signal(signal.SIGTERM)
+    last = 0.0
+
+    def all_gone() -> bool:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < _TICK:
+            return False
+        last = now
+        return not cgroup.populated()
+
+    pump.run(time.monotonic() + grace, all_gone)
+    if not cgroup.kill():
+        log.warning("processes of cgroup %s survived SIGKILL", cgroup.path)
+
+
+def _close_cgroup(cgroup: CommandCgroup | None) -> tuple[int | None, int | None]:
+    """Read the cgroup's (memory, pids) peaks and remove it."""
+    if cgroup is None:
+        return None, None
+    peaks = cgroup.peaks()
+    cgroup.remove()
+    return peaks
+
+
 def run_command(
     command: str,
     *,
@@ -459,12 +578,15 @@ def run_command(
     cwd: Path,
     run_as: str | None = None,
     shell: str = "/bin/bash",
+    containment: Containment | None = None,
 ) -> ExecResult:
     """Run ``[shell, "-c", command]`` within ``limits`` and return what happened.
 
     ``stdin`` bytes are fed to the command (``None``: it reads ``/dev/null``). The command
     runs as ``run_as`` (resolved with pwd, with that user's supplementary groups) or as
     this process's user, in ``cwd``, with only the environment of :func:`_scrubbed_env`.
+    With a ``containment`` in cgroup mode it runs in a cgroup of its own (module
+    docstring); else, or if that cgroup cannot be made, in session mode.
     Raises :class:`~mailsh.errors.ConfigError` when the user, directory or shell is
     unusable (:class:`~mailsh.errors.DependencyError` without util-linux ``prlimit``);
     the command's own failures are reported in the result, never raised.
@@ -476,7 +598,9 @@ def run_command(
     started_at = datetime.now(UTC)
     deadline = time.monotonic() + limits.timeout
     argv = _limited([shell, "-c", command], limits)
-    proc = _spawn(argv, stdin=stdin, cwd=cwd, target=target)
+    proc, cgroup = _start(
+        argv, stdin=stdin, cwd=cwd, target=target, cgroup_of=containment, limits=limits
+    )
     sid = proc.pid  # start_new_session: the leader's pid is its session and group id
     pump = _Pump(proc, stdin, limits.max_output_bytes)
     try:
@@ -485,15 +609,21 @@ def run_command(
         if timed_out:
             log.info("command in session %d timed out after %ss", sid, limits.timeout)
         pump.close_stdin()
-        _stop_session(pump, sid, limits.kill_grace)
+        if cgroup is not None:
+            _stop_cgroup(pump, cgroup, limits.kill_grace)
+        else:
+            _stop_session(pump, sid, limits.kill_grace)
         returncode = proc.wait()  # after every killpg: the pid may be reused once reaped
         # Only escaped processes can hold the pipes now; do not wait for them forever.
         pump.run(time.monotonic() + limits.kill_grace, lambda: not pump.pipes_open())
     finally:
         if proc.returncode is None:  # an exception above: never leave the session behind
+            if cgroup is not None:
+                cgroup.kill()
             _signal_session(sid, signal.SIGKILL)
             proc.wait()
         pump.close()
+        peaks = _close_cgroup(cgroup)
     stdout, stdout_truncated = pump.stream(0)
     stderr, stderr_truncated = pump.stream(1)
     return ExecResult(
@@ -506,4 +636,7 @@ def run_command(
         stderr_truncated=stderr_truncated,
         started_at=started_at,
         finished_at=datetime.now(UTC),
+        containment="cgroup" if cgroup is not None else "session",
+        memory_peak_bytes=peaks[0],
+        pids_peak=peaks[1],
     )

@@ -44,6 +44,7 @@ from mailsh.keys.trust import TrustStore, load_trust
 from mailsh.mailfmt import read_mail
 from mailsh.protocol import Notice, OriginalState, Reply, ReplyStatus
 from mailsh.server import claimant
+from mailsh.server.cgroup import Containment
 from mailsh.server.execute import ExecLimits, run_command
 from mailsh.server.spool import MessageTooLarge, Spool, SpooledMessage
 from mailsh.server.state import ClaimedRequest, MailToQueue, MessageState, StateDB
@@ -112,6 +113,7 @@ class Processor:
         self.identity = identity
         self._notify = on_reply_queued
         self.workdir = settings.workdir or Path("/")
+        self.containment: Containment | None = None  # set by serve: cgroup or session kill
 
     # -- entry point ----------------------------------------------------------------
 
@@ -314,9 +316,12 @@ class Processor:
             result = run_command(
                 request.command,
                 stdin=request.stdin,
-                limits=ExecLimits(timeout=timeout, max_output_bytes=cap),
+                limits=ExecLimits(
+                    timeout=timeout, max_output_bytes=cap, max_processes=s.command_max_processes
+                ),
                 cwd=self.workdir,
                 run_as=s.run_as,
+                containment=self.containment,
             )
         except MailshError as exc:  # refused before the command started (e.g. run-as user)
             decision("error", message=msg.id, request=request.request_id, reason=exc.message)
@@ -366,6 +371,8 @@ class Processor:
             stderr_truncated=result.stderr_truncated,
             started_at=result.started_at,
             finished_at=result.finished_at,
+            memory_peak_bytes=result.memory_peak_bytes,
+            pids_peak=result.pids_peak,
         )
         status = "exit " + (
             str(result.exit_code) if result.signal is None else f"signal {result.signal}"

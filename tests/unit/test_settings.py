@@ -185,3 +185,12 @@ def test_passphrase_file(tmp_path: Path) -> None:
 def test_docstring_states_precedence() -> None:
     assert Settings.__doc__ is not None
     assert "flag > environment" in Settings.__doc__
+
+
+def test_command_max_processes_defaults_only_for_a_run_as_user(tmp_path: Path) -> None:
+    assert load_settings(home=tmp_path).command_max_processes is None  # would count serve too
+    assert load_settings(home=tmp_path, run_as="nobody").command_max_processes == 256
+    assert (
+        load_settings(home=tmp_path, run_as="nobody", max_processes=0).command_max_processes is None
+    )
+    assert load_settings(home=tmp_path, max_processes=12).command_max_processes == 12

@@ -257,8 +257,10 @@ def test_concurrent_clients_all_spooled(listener: SmtpListener, spool: Spool) ->
     errors: list[BaseException] = []
 
     def send(i: int) -> None:
-        try:
-            with _client(listener) as client:
+        try:  # each from its own address: more than one peer may open at once (SmtpLimits)
+            with smtplib.SMTP(
+                "127.0.0.1", listener.port, timeout=10, source_address=(f"127.0.0.{10 + i}", 0)
+            ) as client:
                 client.sendmail(FROM, [OURS], MESSAGE + b"client %d\r\n" % i)
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
