@@ -206,7 +206,10 @@ def seal_reply(
     to_addr: str,
     in_reply_to: str | None,
     passphrase: str | None,
+    summary: bool = False,
 ) -> bytes:
+    """The signed, encrypted reply mail; ``summary`` puts status and exit code in clear
+    text too (``--reply-summary``), else only the request id is readable."""
     payload = protocol.encode_payload(reply)
     armored = seal(gpg, payload, signer=signer, recipient=recipient, passphrase=passphrase)
     return build_reply_mail(
@@ -217,6 +220,7 @@ def seal_reply(
         status=reply.status.value,
         exit_code=reply.exit_code,
         in_reply_to=in_reply_to,
+        summary=summary,
     )
 
 

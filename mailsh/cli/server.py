@@ -123,6 +123,45 @@ def serve(
             help="Refuse requests that were signed but not encrypted [allow].",
         ),
     ] = None,
+    retention: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--retention",
+            metavar="DURATION",
+            envvar="MAILSH_RETENTION",
+            help="Keep processed mail in spool/done/ (and finished records) this long, "
+            "e.g. 7d, 36h, 90m [7d].",
+        ),
+    ] = None,
+    discard_retention: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--discard-retention",
+            metavar="DURATION",
+            envvar="MAILSH_DISCARD_RETENTION",
+            help="Keep the bytes of discarded (unauthenticated) mail this long; its "
+            "metadata row stays for --retention [1h].",
+        ),
+    ] = None,
+    min_free_space: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--min-free-space",
+            metavar="SIZE",
+            envvar="MAILSH_MIN_FREE_SPACE",
+            help="Pause intake while the home's file system has less free, e.g. 100M, "
+            "2G; 0 turns the floor off [100M].",
+        ),
+    ] = None,
+    reply_summary: Annotated[
+        Optional[bool],  # noqa: UP045
+        typer.Option(
+            "--reply-summary/--private-replies",
+            envvar="MAILSH_REPLY_SUMMARY",
+            help="Show status and exit code in the reply's Subject and clear-text "
+            "preamble, readable by every relay [private].",
+        ),
+    ] = None,
     poll_interval: Annotated[
         float, typer.Option("--poll-interval", help="Polling fallback when inotify is absent.")
     ] = 2.0,
@@ -159,6 +198,10 @@ def serve(
         max_output_bytes=max_output_bytes,
         require_encryption=require_encryption,
         log_format=log_format,
+        retention=retention,
+        discard_retention=discard_retention,
+        min_free_space=min_free_space,
+        reply_summary=reply_summary,
     )
     # What `mailsh deliver` spools is always served; --spool-only says it is the only
     # source, so a serve with no source at all is still a mistake caught here.

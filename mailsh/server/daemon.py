@@ -332,6 +332,7 @@ class Server:
                 to_addr=entry.reply_to,
                 in_reply_to=None,
                 passphrase=self.settings.passphrase(),
+                summary=self.settings.reply_summary,
             )
             self.state.finish_with_reply(
                 spool_id=claimed.spool_id,

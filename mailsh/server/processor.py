@@ -286,6 +286,7 @@ class Processor:
             to_addr=entry.reply_to,
             in_reply_to=in_reply_to,
             passphrase=self.settings.passphrase(),
+            summary=self.settings.reply_summary,
         )
         self.state.finish_with_reply(
             spool_id=msg.id,
