@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -18,6 +18,9 @@ from mailsh.cli import (
     settings_from,
     usage_error,
 )
+
+if TYPE_CHECKING:
+    from mailsh.settings import Settings
 
 
 def _listen(value: str | None) -> tuple[str, int] | None:
@@ -242,7 +245,8 @@ def serve(
 def status(
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Show the server's message counts, pending work, outbound queue and last errors."""
+    """Show the server's message counts, pending work, outbound queue, last errors and
+    disk use (spool and state sizes, free space, whether intake is paused)."""
     import json
 
     from mailsh.server.state import StateDB
@@ -255,9 +259,12 @@ def status(
             f"no server state in {settings.home} yet",
             hint="start the server first: mailsh serve --mbox /var/mail/root ...",
         )
-    report = StateDB(settings.state_db).status_report()
+    report: dict[str, object] = dict(StateDB(settings.state_db).status_report())
     pending = len(list((settings.spool_dir / "new").glob("*")))
     report["spool_pending"] = pending
+    from mailsh.server.diskspace import disk_status
+
+    report.update(disk_status(settings.spool_dir, settings.state_db, settings.min_free_space))
     if json_out:
         typer.echo(json.dumps(report, indent=2, default=str))
         return
@@ -275,7 +282,8 @@ def deliver() -> None:
     """Take one message on stdin into the server's spool (Postfix mailbox_command / pipe).
 
     Exits 0 only once the message is durable; on any failure exits 75 (EX_TEMPFAIL) so
-    the MTA keeps the message and retries. Run `mailsh serve` on the same --home to
+    the MTA keeps the message and retries, also while free space is below
+    --min-free-space (MAILSH_MIN_FREE_SPACE). Run `mailsh serve` on the same --home to
     process what was delivered.
     """
     from mailsh.errors import DeliveryTempFailError, MailshError
@@ -284,6 +292,7 @@ def deliver() -> None:
         from mailsh.server.spool import Spool
 
         settings = settings_from()
+        _check_free_space(settings)
         data = sys.stdin.buffer.read(settings.max_message_bytes + 1)
         if len(data) > settings.max_message_bytes:
             say(f"mailsh deliver: message larger than {settings.max_message_bytes} bytes")
@@ -296,3 +305,21 @@ def deliver() -> None:
     except OSError as exc:
         raise DeliveryTempFailError(f"could not store the message: {exc}") from exc
     say(f"stored as {stored.id}")
+
+
+def _check_free_space(settings: Settings) -> None:
+    """``deliver`` below the free-space floor: a temporary failure, the MTA keeps the mail."""
+    from mailsh.errors import DeliveryTempFailError
+    from mailsh.server.diskspace import free_bytes
+    from mailsh.units import format_size
+
+    if settings.min_free_space <= 0:
+        return
+    free = free_bytes(settings.home)
+    if free < settings.min_free_space:
+        raise DeliveryTempFailError(
+            f"only {format_size(free)} free on {settings.home}, below --min-free-space "
+            f"{format_size(settings.min_free_space)}; the MTA keeps the message and retries",
+            hint="free some disk space (mailsh serve prunes spool/done/ by --retention) or "
+            "lower MAILSH_MIN_FREE_SPACE",
+        )

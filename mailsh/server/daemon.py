@@ -35,10 +35,12 @@ from mailsh.keys.gpg import Gpg
 from mailsh.keys.identity import require_identity
 from mailsh.keys.trust import load_trust
 from mailsh.protocol import Reply, ReplyStatus
+from mailsh.server.diskspace import SpaceGuard
 from mailsh.server.maildir import MaildirIntake
 from mailsh.server.mbox import MboxIntake
 from mailsh.server.outbound import Mailer, OutboundWorker, mailer_from_settings
 from mailsh.server.processor import Processor, ServerIdentity, decision
+from mailsh.server.retention import Pruner
 from mailsh.server.spool import Spool, SpooledMessage
 from mailsh.server.state import MessageState, StateDB
 from mailsh.server.watch import Watcher
@@ -138,6 +140,10 @@ class Server:
         self.state = StateDB(settings.state_db)
         self.spool = Spool(settings.spool_dir)
         self.outbound = OutboundWorker(self.state, mailer or mailer_from_settings(settings))
+        # Bounded disk (retention.py, diskspace.py): prune in the background; pause intake
+        # below the free-space floor, and prune early when that happens.
+        self.pruner = Pruner(settings, self.spool, self.state)
+        self.space = SpaceGuard(self.spool.root, settings.min_free_space, on_low=self.pruner.kick)
         self.processor = Processor(
             settings,
             gpg=self.gpg,
@@ -186,6 +192,7 @@ class Server:
             spool=self.spool,
             accept=lambda rcpt: rcpt.lower() in wanted,
             max_message_bytes=self.settings.max_message_bytes,
+            accepting=self.space.accepting,
         )
         listener.start()
         self.listener = listener
@@ -202,6 +209,7 @@ class Server:
                 "use --run-as USER for an unprivileged account"
             )
         self.recover()
+        self.pruner.start()
         if not self.options.once:
             self.outbound.start()
         watch_paths = [*self.options.mboxes, *self.options.maildirs, self.spool.root]
@@ -223,6 +231,8 @@ class Server:
             self.shutdown()
 
     def collect(self) -> None:
+        if self.intakes and not self.space.accepting():
+            return  # below --min-free-space: mailboxes stay untouched until space returns
         for intake in self.intakes:
             try:
                 intake.collect()
@@ -288,6 +298,7 @@ class Server:
             with contextlib.suppress(Exception):
                 fut.result(timeout=deadline)
         self.report_unfinished()
+        self.pruner.stop()
         if self.listener is not None:
             self.listener.stop()  # type: ignore[attr-defined]
         self.outbound.flush()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime
 from pathlib import Path
 
@@ -26,6 +26,8 @@ from mailsh.server.state.model import (
 from mailsh.server.state.outbound import _OutboundQueue
 
 log = logging.getLogger("mailsh.server.state")
+#: Rows deleted per transaction when pruning (keeps the write lock short).
+_PRUNE_BATCH = 500
 
 
 class StateDB(_OutboundQueue):
@@ -286,3 +288,83 @@ class StateDB(_OutboundQueue):
             for e in self.last_errors(errors)
         ]
         return report
+
+    # -- retention (mailsh.server.retention decides the cut-offs) ---------------------
+    # Plain DELETEs in short batches, each its own transaction, so intake and workers
+    # never wait long for the write lock. The audit log is append-only and never pruned.
+
+    def message_states(self, spool_ids: Collection[str]) -> dict[str, MessageState]:
+        """The state of each recorded message among ``spool_ids`` (unrecorded are absent)."""
+        ids = list(spool_ids)
+        found: dict[str, MessageState] = {}
+        with self._read() as conn:
+            for start in range(0, len(ids), _PRUNE_BATCH):
+                chunk = ids[start : start + _PRUNE_BATCH]
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(
+                    f"SELECT spool_id, state FROM messages WHERE spool_id IN ({marks})",  # noqa: S608 - only ?s
+                    chunk,
+                ).fetchall()
+                found.update((row[0], MessageState(row[1])) for row in rows)
+        return found
+
+    def prune_messages(self, before: datetime, *, keep: Collection[str] = ()) -> int:
+        """Delete rows of messages final since before ``before``; returns how many.
+
+        Kept whatever their age: unfinished messages, quarantined ones (their file stays
+        for a human), messages with an unsent (or abandoned) reply or an unfinished
+        claim, and the ids in ``keep`` (e.g. still in the spool's ``new/``).
+        """
+        final = tuple(s for s in FINAL_STATES if s != MessageState.QUARANTINED)
+        marks = ",".join("?" * len(final))
+        select = (
+            f"SELECT spool_id FROM messages WHERE state IN ({marks})"  # noqa: S608 - only ?s
+            " AND updated_at < ? AND spool_id > ?"
+            " AND NOT EXISTS (SELECT 1 FROM outbound o"
+            "  WHERE o.spool_id = messages.spool_id AND o.sent_at IS NULL)"
+            " AND NOT EXISTS (SELECT 1 FROM requests r"
+            "  WHERE r.spool_id = messages.spool_id AND r.finished_at IS NULL)"
+            " ORDER BY spool_id LIMIT ?"
+        )
+        removed, last = 0, ""
+        while True:
+            with self._write() as conn:
+                ids = [
+                    row[0]
+                    for row in conn.execute(select, (*final, _ts(before), last, _PRUNE_BATCH))
+                ]
+                gone = [(i,) for i in ids if i not in keep]
+                conn.executemany("DELETE FROM messages WHERE spool_id = ?", gone)
+            removed += len(gone)
+            if len(ids) < _PRUNE_BATCH:
+                return removed
+            last = ids[-1]
+
+    def prune_requests(self, before: datetime) -> int:
+        """Delete finished replay records claimed and issued before ``before``.
+
+        Unfinished claims are never deleted. The caller must choose ``before`` so that no
+        request issued then could still be accepted (see mailsh.server.retention).
+        """
+        return self._delete_batches(
+            "DELETE FROM requests WHERE rowid IN (SELECT rowid FROM requests"
+            " WHERE finished_at IS NOT NULL AND claimed_at < ? AND issued_at < ? LIMIT ?)",
+            (_ts(before), _ts(before)),
+        )
+
+    def prune_outbound(self, before: datetime) -> int:
+        """Delete replies sent before ``before``. Unsent and abandoned ones stay."""
+        return self._delete_batches(
+            "DELETE FROM outbound WHERE id IN (SELECT id FROM outbound"
+            " WHERE sent_at IS NOT NULL AND sent_at < ? LIMIT ?)",
+            (_ts(before),),
+        )
+
+    def _delete_batches(self, sql: str, params: tuple[str, ...]) -> int:
+        removed = 0
+        while True:
+            with self._write() as conn:
+                count = conn.execute(sql, (*params, _PRUNE_BATCH)).rowcount
+            removed += count
+            if count < _PRUNE_BATCH:
+                return removed
