@@ -316,29 +316,27 @@ class StateDB(_OutboundQueue):
         claim, and the ids in ``keep`` (e.g. still in the spool's ``new/``).
         """
         final = tuple(s for s in FINAL_STATES if s != MessageState.QUARANTINED)
-        marks = ",".join("?" * len(final))
-        select = (
-            f"SELECT spool_id FROM messages WHERE state IN ({marks})"  # noqa: S608 - only ?s
-            " AND updated_at < ? AND spool_id > ?"
-            " AND NOT EXISTS (SELECT 1 FROM outbound o"
-            "  WHERE o.spool_id = messages.spool_id AND o.sent_at IS NULL)"
-            " AND NOT EXISTS (SELECT 1 FROM requests r"
-            "  WHERE r.spool_id = messages.spool_id AND r.finished_at IS NULL)"
-            " ORDER BY spool_id LIMIT ?"
-        )
-        removed, last = 0, ""
-        while True:
-            with self._write() as conn:
-                ids = [
-                    row[0]
-                    for row in conn.execute(select, (*final, _ts(before), last, _PRUNE_BATCH))
-                ]
-                gone = [(i,) for i in ids if i not in keep]
-                conn.executemany("DELETE FROM messages WHERE spool_id = ?", gone)
-            removed += len(gone)
-            if len(ids) < _PRUNE_BATCH:
-                return removed
-            last = ids[-1]
+        states = ",".join("?" * len(final))
+        old = f"state IN ({states}) AND updated_at < ?"
+        with self._read() as conn:  # no write lock while looking
+            rows = conn.execute(
+                f"SELECT spool_id FROM messages WHERE {old}",  # noqa: S608 - only ?s
+                (*final, _ts(before)),
+            ).fetchall()
+        ids = [row[0] for row in rows if row[0] not in keep]
+        removed = 0
+        for start in range(0, len(ids), _PRUNE_BATCH):
+            chunk = ids[start : start + _PRUNE_BATCH]
+            marks = ",".join("?" * len(chunk))
+            with self._write() as conn:  # re-checked here; each subquery runs once
+                removed += conn.execute(
+                    f"DELETE FROM messages WHERE spool_id IN ({marks}) AND {old}"  # noqa: S608
+                    " AND spool_id NOT IN (SELECT spool_id FROM outbound WHERE sent_at IS NULL)"
+                    " AND spool_id NOT IN"
+                    " (SELECT spool_id FROM requests WHERE finished_at IS NULL)",
+                    (*chunk, *final, _ts(before)),
+                ).rowcount
+        return removed
 
     def prune_requests(self, before: datetime) -> int:
         """Delete finished replay records claimed and issued before ``before``.

@@ -170,3 +170,11 @@ def test_pruner_thread_sweeps_at_start(world: World, tmp_path: Path) -> None:
     pruner.stop()
     assert not world.in_done(world.sent)
     assert not world.in_done(world.discarded)
+
+
+def test_small_batches_prune_the_same_rows(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deletes go in short transactions; a batch of 1 row must still reach every row."""
+    monkeypatch.setattr("mailsh.server.state.db._PRUNE_BATCH", 1)
+    result = world.prune_after(timedelta(days=3650))
+    assert (result.messages, result.requests, result.outbound) == (2, 2, 1)
+    assert world.db.message(world.unsent.id) is not None
