@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from mailsh.cli import main
 from mailsh.errors import ExitCode
 from mailsh.server.daemon import ServeOptions, Server
 from mailsh.server.diskspace import free_bytes
+from mailsh.server.spool import Spool
 from mailsh.server.state import StateDB
 from tests.conftest import Home
 from tests.integration.serverkit import Sink, mbox_append, replies_for, request, server_settings
@@ -42,23 +44,28 @@ def _mailsh(
 
 
 def test_deliver_below_the_floor_exits_75_and_stores_nothing(srv: Home) -> None:
-    mail = b"Subject: x\r\n\r\nbody\r\n"
     full = _mailsh(
-        "deliver", home=srv.path, stdin=mail, MAILSH_MIN_FREE_SPACE=_above_free(srv.path)
-    )
+        "deliver", home=srv.path, stdin=b"Subject: x\r\n\r\nbody\r\n",
+        MAILSH_MIN_FREE_SPACE=_above_free(srv.path),
+    )  # fmt: skip
     assert full.returncode == int(ExitCode.TEMPFAIL), full.stderr
     assert b"below --min-free-space" in full.stderr
     assert not list((srv.path / "spool" / "new").glob("*"))
-    roomy = _mailsh("deliver", home=srv.path, stdin=mail, MAILSH_MIN_FREE_SPACE="1M")
-    assert roomy.returncode == 0, roomy.stderr
-    assert len(list((srv.path / "spool" / "new").iterdir())) == 1
+
+
+def test_status_shows_spool_size_and_free_space(
+    srv: Home, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Spool(srv.settings.spool_dir).put(b"x" * 5000, source="pipe")
     StateDB(srv.settings.state_db).close()  # as the first serve would create it
-    status = _mailsh("status", "--json", home=srv.path, MAILSH_MIN_FREE_SPACE="1M")
-    assert status.returncode == 0, status.stderr
-    report = json.loads(status.stdout)
-    assert report["spool_bytes"] >= len(mail)
-    assert report["free_bytes"] > 0
-    assert (report["min_free_bytes"], report["intake"]) == (1 << 20, "accepting")
+    monkeypatch.setenv("MAILSH_MIN_FREE_SPACE", _above_free(srv.path))
+    with pytest.raises(SystemExit) as done:
+        main(["--home", str(srv.path), "status", "--json"])
+    assert done.value.code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["spool_bytes"] >= 5000
+    assert 0 < report["free_bytes"] < report["min_free_bytes"]
+    assert report["intake"] == "paused (below --min-free-space)"
 
 
 def test_serve_below_the_floor_leaves_the_mbox_untouched_then_resumes(
