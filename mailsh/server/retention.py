@@ -16,7 +16,8 @@ early when free space falls below the floor (:mod:`mailsh.server.diskspace`):
   after both its issue and claim time (and never less than ``--retention``), so pruning
   can never let a replay run. Unfinished claims are never deleted.
 
-``spool/quarantine/`` is kept for a human and never pruned; the audit log is
+Leftovers of crashed writes in ``spool/tmp/`` go after a day and a half
+(:data:`mailsh.server.spool.TMP_MAX_AGE`). ``spool/quarantine/`` is kept for a human and never pruned; the audit log is
 append-only.
 """
 
@@ -98,6 +99,7 @@ def prune(spool: Spool, state: StateDB, policy: RetentionPolicy, now: datetime) 
             if states.get(msg.id) == MessageState.DISCARDED and spool.remove_done(msg):
                 files, freed = files + 1, freed + msg.size
     pending = {m.id for m in spool.pending()}
+    files += spool.clean_tmp()  # leftovers of crashed writes, also in a long-running serve
     return PruneResult(
         files=files,
         bytes=freed,

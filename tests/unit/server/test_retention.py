@@ -7,6 +7,8 @@ row ages from the database's timestamps, both written at the real current time.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -178,3 +180,14 @@ def test_small_batches_prune_the_same_rows(world: World, monkeypatch: pytest.Mon
     result = world.prune_after(timedelta(days=3650))
     assert (result.messages, result.requests, result.outbound) == (2, 2, 1)
     assert world.db.message(world.unsent.id) is not None
+
+
+def test_sweep_removes_stale_tmp_leftovers(world: World) -> None:
+    stale = world.spool.tmp / "00000000000000000001.1.0000000000000000.smtp"
+    fresh = world.spool.tmp / "00000000000000000002.1.0000000000000000.smtp"
+    stale.write_bytes(b"half a message")
+    fresh.write_bytes(b"being written")
+    os.utime(stale, (time.time() - 2 * 86_400,) * 2)
+    world.prune_after(timedelta(0))
+    assert not stale.exists()
+    assert fresh.exists()  # another process may be writing it right now
