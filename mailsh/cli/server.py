@@ -249,6 +249,7 @@ def status(
     disk use (spool and state sizes, free space, whether intake is paused)."""
     import json
 
+    from mailsh.server.diskspace import disk_status
     from mailsh.server.state import StateDB
 
     settings = settings_from()
@@ -262,8 +263,6 @@ def status(
     report: dict[str, object] = dict(StateDB(settings.state_db).status_report())
     pending = len(list((settings.spool_dir / "new").glob("*")))
     report["spool_pending"] = pending
-    from mailsh.server.diskspace import disk_status
-
     report.update(disk_status(settings.spool_dir, settings.state_db, settings.min_free_space))
     if json_out:
         typer.echo(json.dumps(report, indent=2, default=str))

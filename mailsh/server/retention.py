@@ -17,8 +17,8 @@ early when free space falls below the floor (:mod:`mailsh.server.diskspace`):
   can never let a replay run. Unfinished claims are never deleted.
 
 Leftovers of crashed writes in ``spool/tmp/`` go after a day and a half
-(:data:`mailsh.server.spool.TMP_MAX_AGE`). ``spool/quarantine/`` is kept for a human and never pruned; the audit log is
-append-only.
+(:data:`mailsh.server.spool.TMP_MAX_AGE`). ``spool/quarantine/`` is kept for a human
+and never pruned; the audit log is append-only.
 """
 
 from __future__ import annotations
