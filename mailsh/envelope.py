@@ -218,7 +218,10 @@ def seal_reply(
     to_addr: str,
     in_reply_to: str | None,
     passphrase: str | None,
+    summary: bool = False,
 ) -> bytes:
+    """The signed, encrypted reply mail; ``summary`` puts status and exit code in clear
+    text too (``--reply-summary``), else only the request id is readable."""
     payload = protocol.encode_payload(reply)
     armored = seal(gpg, payload, signer=signer, recipient=recipient, passphrase=passphrase)
     if isinstance(reply, Notice):
@@ -233,6 +236,7 @@ def seal_reply(
         status=status,
         exit_code=exit_code,
         in_reply_to=in_reply_to,
+        summary=summary,
     )
 
 

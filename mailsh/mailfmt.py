@@ -25,7 +25,9 @@ from mailsh.errors import ProtocolError
 
 MESSAGE_ID_RE = re.compile(r"^<[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,200}@[A-Za-z0-9.-]{1,200}>$")
 REQUEST_SUBJECT = "mailsh request {request_id}"
-REPLY_SUBJECT = "mailsh reply {request_id} [{status}]"
+REPLY_SUBJECT = "mailsh reply {request_id}"
+#: The Subject with ``--reply-summary``: status readable by every relay on the way.
+REPLY_SUBJECT_SUMMARY = "mailsh reply {request_id} [{status}]"
 
 
 def _domain(address: str) -> str:
@@ -76,20 +78,35 @@ def build_reply_mail(
     status: str,
     exit_code: int | None,
     in_reply_to: str | None,
+    summary: bool = False,
 ) -> bytes:
-    """A reply mail a person can read with gpg alone: preamble, then the armored block."""
+    """A reply mail a person can read with gpg alone: preamble, then the armored block.
+
+    By default the Subject and the preamble name only the request: status, exit code
+    and reason stay inside the encryption, so relays learn nothing of the outcome
+    (docs/security.md P17). ``summary`` (``--reply-summary``) adds status and exit code
+    in clear text to both.
+    """
     rid = request_id or "unknown"
-    msg = _base(from_addr, to_addr, REPLY_SUBJECT.format(request_id=rid, status=status))
+    subject = REPLY_SUBJECT_SUMMARY if summary else REPLY_SUBJECT
+    msg = _base(from_addr, to_addr, subject.format(request_id=rid, status=status))
     msg["Auto-Submitted"] = "auto-replied"
     if in_reply_to is not None and MESSAGE_ID_RE.match(in_reply_to):
         msg["In-Reply-To"] = in_reply_to
         msg["References"] = in_reply_to
-    code = "-" if exit_code is None else str(exit_code)
-    preamble = (
-        f"mailsh reply\nrequest: {rid}\nstatus: {status}\nexit code: {code}\n\n"
-        "The signed (and encrypted) result follows; read it with: gpg --decrypt FILE\n\n"
-    ).encode()
-    _set_ascii_body(msg, preamble + armored)
+    if summary:
+        code = "-" if exit_code is None else str(exit_code)
+        preamble = (
+            f"mailsh reply\nrequest: {rid}\nstatus: {status}\nexit code: {code}\n\n"
+            "The signed (and encrypted) result follows; read it with: gpg --decrypt FILE\n\n"
+        )
+    else:
+        preamble = (
+            f"mailsh reply\nrequest: {rid}\n\n"
+            f"The encrypted reply to request {rid} follows; status, exit code and output\n"
+            "are inside. Read it with: gpg --decrypt FILE\n\n"
+        )
+    _set_ascii_body(msg, preamble.encode() + armored)
     return msg.as_bytes()
 
 

@@ -28,6 +28,7 @@ from pydantic_settings import (
 )
 
 from mailsh.errors import ConfigError
+from mailsh.units import parse_duration, parse_size
 
 CONFIG_FILE_NAME = "mailsh.toml"
 MiB = 1024 * 1024
@@ -129,6 +130,19 @@ class Settings(BaseSettings):
     workdir: Path | None = None
     require_encryption: bool = False
     log_format: Literal["text", "json"] = "text"
+    # -- server: bounded disk and private replies (docs/server.md "Disk") ----------------
+    retention: int = Field(
+        default=7 * 86_400, ge=0, description="seconds processed mail stays in spool/done/"
+    )
+    discard_retention: int = Field(
+        default=3600, ge=0, description="seconds discarded (unauthenticated) mail bytes stay"
+    )
+    min_free_space: int = Field(
+        default=100 * MiB, ge=0, description="bytes free below which intake pauses"
+    )
+    reply_summary: bool = Field(
+        default=False, description="status and exit code readable in the reply's clear text"
+    )
 
     # -- embedded SMTP listener limits (serve --smtp-listen; docs/server.md) ----------------
     smtp_max_sessions: int = Field(
@@ -171,6 +185,16 @@ class Settings(BaseSettings):
         if self.max_processes is None:
             return DEFAULT_RUN_AS_MAX_PROCESSES if self.run_as else None
         return self.max_processes or None
+
+    @field_validator("retention", "discard_retention", mode="before")
+    @classmethod
+    def _parse_duration(cls, value: object) -> object:
+        return parse_duration(value) if isinstance(value, str) else value
+
+    @field_validator("min_free_space", mode="before")
+    @classmethod
+    def _parse_size(cls, value: object) -> object:
+        return parse_size(value) if isinstance(value, str) else value
 
     @classmethod
     def settings_customise_sources(

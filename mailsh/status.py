@@ -229,6 +229,27 @@ def spool_section(ctx: StatusContext) -> Section | None:
     return Section("spool", f"spool ({ctx.settings.spool_dir})", data, rows=rows)
 
 
+def disk_section(ctx: StatusContext) -> Section | None:
+    """Disk use and whether intake is paused by the free-space floor (P: bounded disk)."""
+    if not ctx.is_server:
+        return None
+    from mailsh.server.diskspace import disk_status
+
+    s = ctx.settings
+    data = disk_status(s.spool_dir, s.state_db, s.min_free_space)
+    rows = [
+        ("spool", _human_bytes(int(data["spool_bytes"]))),
+        ("state", _human_bytes(int(data["state_db_bytes"]))),
+        (
+            "free",
+            f"{_human_bytes(int(data['free_bytes']))} "
+            f"(floor {_human_bytes(int(data['min_free_bytes']))})",
+        ),
+        ("intake", str(data["intake"])),
+    ]
+    return Section("disk", "disk", data, rows=rows)
+
+
 def refused_section(ctx: StatusContext) -> Section | None:
     """Mailboxes intake refused to read (a link or special file planted beside them)."""
     if not ctx.is_server:
@@ -360,6 +381,7 @@ SECTIONS: list[Callable[[StatusContext], Section | None]] = [
     serve_section,
     queue_section,
     spool_section,
+    disk_section,
     refused_section,
     messages_section,
     problems_section,

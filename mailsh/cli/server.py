@@ -222,6 +222,45 @@ def serve(
             help="Refuse requests that were signed but not encrypted [allow].",
         ),
     ] = None,
+    retention: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--retention",
+            metavar="DURATION",
+            envvar="MAILSH_RETENTION",
+            help="Keep processed mail in spool/done/ (and finished records) this long, "
+            "e.g. 7d, 36h, 90m [7d].",
+        ),
+    ] = None,
+    discard_retention: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--discard-retention",
+            metavar="DURATION",
+            envvar="MAILSH_DISCARD_RETENTION",
+            help="Keep the bytes of discarded (unauthenticated) mail this long; its "
+            "metadata row stays for --retention [1h].",
+        ),
+    ] = None,
+    min_free_space: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--min-free-space",
+            metavar="SIZE",
+            envvar="MAILSH_MIN_FREE_SPACE",
+            help="Pause intake while the home's file system has less free, e.g. 100M, "
+            "2G; 0 turns the floor off [100M].",
+        ),
+    ] = None,
+    reply_summary: Annotated[
+        Optional[bool],  # noqa: UP045
+        typer.Option(
+            "--reply-summary/--private-replies",
+            envvar="MAILSH_REPLY_SUMMARY",
+            help="Show status and exit code in the reply's Subject and clear-text "
+            "preamble, readable by every relay [private].",
+        ),
+    ] = None,
     poll_interval: Annotated[
         float,
         typer.Option(
@@ -275,6 +314,10 @@ def serve(
         smtp_max_messages=smtp_max_messages,
         require_encryption=require_encryption,
         log_format=log_format,
+        retention=retention,
+        discard_retention=discard_retention,
+        min_free_space=min_free_space,
+        reply_summary=reply_summary,
     )
     # What `mailsh deliver` spools is always served; --spool-only says it is the only
     # source, so a serve with no source at all is still a mistake caught here.
@@ -375,7 +418,8 @@ def deliver() -> None:
     """Take one message on stdin into the server's spool (Postfix mailbox_command / pipe).
 
     Exits 0 only once the message is durable; on any failure exits 75 (EX_TEMPFAIL) so
-    the MTA keeps the message and retries. Run `mailsh serve` on the same --home to
+    the MTA keeps the message and retries, also while free space is below
+    --min-free-space (MAILSH_MIN_FREE_SPACE). Run `mailsh serve` on the same --home to
     process what was delivered.
     """
     from mailsh.errors import DeliveryTempFailError, MailshError
@@ -384,6 +428,7 @@ def deliver() -> None:
         from mailsh.server.spool import Spool
 
         settings = settings_from()
+        _check_free_space(settings)
         data = sys.stdin.buffer.read(settings.max_message_bytes + 1)
         if len(data) > settings.max_message_bytes:
             say(f"mailsh deliver: message larger than {settings.max_message_bytes} bytes")
@@ -396,3 +441,21 @@ def deliver() -> None:
     except OSError as exc:
         raise DeliveryTempFailError(f"could not store the message: {exc}") from exc
     say(f"stored as {stored.id}")
+
+
+def _check_free_space(settings: Settings) -> None:
+    """``deliver`` below the free-space floor: a temporary failure, the MTA keeps the mail."""
+    from mailsh.errors import DeliveryTempFailError
+    from mailsh.server.diskspace import free_bytes
+    from mailsh.units import format_size
+
+    if settings.min_free_space <= 0:
+        return
+    free = free_bytes(settings.home)
+    if free < settings.min_free_space:
+        raise DeliveryTempFailError(
+            f"only {format_size(free)} free on {settings.home}, below --min-free-space "
+            f"{format_size(settings.min_free_space)}; the MTA keeps the message and retries",
+            hint="free some disk space (mailsh serve prunes spool/done/ by --retention) or "
+            "lower MAILSH_MIN_FREE_SPACE",
+        )

@@ -32,10 +32,12 @@ from mailsh.errors import ConfigError, DependencyError
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.identity import require_identity
 from mailsh.server.cgroup import Containment
+from mailsh.server.diskspace import SpaceGuard
 from mailsh.server.maildir import MaildirIntake
 from mailsh.server.mbox import MboxIntake
 from mailsh.server.outbound import Mailer, OutboundWorker, mailer_from_settings
 from mailsh.server.processor import Processor, ServerIdentity
+from mailsh.server.retention import Pruner
 from mailsh.server.spool import Spool, SpooledMessage
 from mailsh.server.state import MessageState, StateDB
 from mailsh.server.watch import Watcher
@@ -154,6 +156,10 @@ class Server:
         self.state = StateDB(settings.state_db)
         self.spool = Spool(settings.spool_dir)
         self.outbound = OutboundWorker(self.state, mailer or mailer_from_settings(settings))
+        # Bounded disk (retention.py, diskspace.py): prune in the background; pause intake
+        # below the free-space floor, and prune early when that happens.
+        self.pruner = Pruner(settings, self.spool, self.state)
+        self.space = SpaceGuard(self.spool.root, settings.min_free_space, on_low=self.pruner.kick)
         self.processor = Processor(
             settings,
             gpg=self.gpg,
@@ -213,6 +219,7 @@ class Server:
                 command_timeout=s.smtp_command_timeout,
                 max_messages=s.smtp_max_messages,
             ),
+            accepting=self.space.accepting,
         )
         listener.start()
         self.listener = listener
@@ -231,6 +238,7 @@ class Server:
         raise_open_files_limit()
         self.contain_commands()
         self.recover()
+        self.pruner.start()
         if not self.options.once:
             self.outbound.start()
         watch_paths = [*self.options.mboxes, *self.options.maildirs, self.spool.root]
@@ -301,6 +309,8 @@ class Server:
                 backoff = 0.0
 
     def collect(self) -> None:
+        if self.intakes and not self.space.accepting():
+            return  # below --min-free-space: mailboxes stay untouched until space returns
         for intake in self.intakes:
             try:
                 intake.collect()
@@ -382,6 +392,7 @@ class Server:
             with contextlib.suppress(Exception):
                 fut.result(timeout=deadline)
         self.report_unfinished(final=True)
+        self.pruner.stop()
         if self.listener is not None:
             self.listener.stop()  # type: ignore[attr-defined]
         self.outbound.flush()

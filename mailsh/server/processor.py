@@ -581,6 +581,7 @@ class Processor:
                 to_addr=entry.reply_to,
                 in_reply_to=in_reply_to,
                 passphrase=self.settings.passphrase(),
+                summary=self.settings.reply_summary,
             )
         except Exception as exc:
             log.error("could not seal the answer to %s for %s: %s", payload.request_id, signer, exc)

@@ -6,6 +6,9 @@ message in the spool before saying so:
 - ``RCPT TO`` an address ``accept`` does not claim gets ``550 5.1.1``: it never relays.
 - Any ``MAIL FROM`` is taken, including the null sender: bounces must reach the daemon
   so that it can log and discard them.
+- While ``accepting()`` says no (free space below ``--min-free-space``, see
+  :mod:`mailsh.server.diskspace`), MAIL, RCPT and DATA get ``452 4.3.1``: the client
+  keeps the message and retries later.
 - Messages over ``max_message_bytes`` get ``552`` (aiosmtpd's ``data_size_limit``, also
   advertised as ``SIZE``).
 - ``250 2.0.0 queued as ID`` is answered only after ``spool.put`` returned, i.e. after
@@ -56,6 +59,7 @@ from typing import Any, Protocol, Self
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailsh.errors import TransportError
+from mailsh.server.diskspace import SMTP_PAUSED
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +146,31 @@ class _Handler:
         accept: Callable[[str], bool],
         on_message: Callable[[], None] | None,
         executor: concurrent.futures.Executor,
+        accepting: Callable[[], bool] | None = None,
     ) -> None:
         self._spool = spool
         self._accept = accept
         self._on_message = on_message
         self._executor = executor
+        self._accepting = accepting
+
+    def _paused(self) -> bool:
+        """True while intake must refuse mail for now (the free-space floor)."""
+        return self._accepting is not None and not self._accepting()
+
+    async def handle_MAIL(  # noqa: N802 - aiosmtpd hook name
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        if self._paused():
+            return SMTP_PAUSED
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(  # noqa: N802 - aiosmtpd hook name
         self,
@@ -158,6 +182,8 @@ class _Handler:
     ) -> str:
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return "452 4.5.3 too many recipients"
+        if self._paused():
+            return SMTP_PAUSED
         try:
             ours = self._accept(address)
         except Exception:
@@ -176,6 +202,8 @@ class _Handler:
         if not isinstance(data, bytes):  # decode_data is off, so never; be sure anyway
             log.error("smtp %s: message content is not bytes", _peer(session))
             return "451 4.3.0 try again later"
+        if self._paused():
+            return SMTP_PAUSED
         loop = asyncio.get_running_loop()
         try:
             stored = await loop.run_in_executor(
@@ -432,7 +460,8 @@ class SmtpListener:
     ``limits`` bound what clients may take (:class:`SmtpLimits`, defaults as the settings).
     With ``port=0`` the system picks a free port; after :meth:`start`, ``self.port`` is
     the bound one. ``hostname`` is the name in the greeting (default: this host's FQDN,
-    looked up once).
+    looked up once). ``accepting()``, if given, is asked before MAIL, RCPT and DATA;
+    while it returns False those get ``452 4.3.1`` (the free-space floor).
     """
 
     def __init__(
@@ -446,6 +475,7 @@ class SmtpListener:
         on_message: Callable[[], None] | None = None,
         hostname: str | None = None,
         limits: SmtpLimits | None = None,
+        accepting: Callable[[], bool] | None = None,
     ) -> None:
         if max_message_bytes <= 0:
             raise ValueError("max_message_bytes must be positive")
@@ -457,6 +487,7 @@ class SmtpListener:
         self._accept = accept
         self._on_message = on_message
         self.limits = limits or SmtpLimits()
+        self._accepting = accepting
         self._running: _Running | None = None
 
     # -- lifecycle
@@ -471,7 +502,11 @@ class SmtpListener:
             max_workers=SPOOL_WORKERS, thread_name_prefix="mailsh-smtp-spool"
         )
         handler = _Handler(
-            spool=self._spool, accept=self._accept, on_message=self._on_message, executor=executor
+            spool=self._spool,
+            accept=self._accept,
+            on_message=self._on_message,
+            executor=executor,
+            accepting=self._accepting,
         )
         loop = asyncio.new_event_loop()
         loop.set_exception_handler(_LoopErrors())

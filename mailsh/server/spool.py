@@ -275,3 +275,19 @@ class Spool:
                     os.unlink(entry.path)
                     removed += 1
         return removed
+
+    # -- retention (mailsh.server.retention decides what goes and when) ---------------
+
+    def done_messages(self) -> list[SpooledMessage]:
+        """Processed messages in ``done/``, oldest first (files with other names are left)."""
+        return sorted(self._scan(self.done), key=lambda m: m.id)
+
+    def remove_done(self, msg: SpooledMessage) -> bool:
+        """Delete a processed message from ``done/``; False if it was already gone."""
+        try:
+            os.unlink(self.done / msg.name)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise SpoolError(f"cannot remove {self.done / msg.name}: {exc.strerror}") from exc
+        return True

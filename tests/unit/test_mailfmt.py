@@ -151,7 +151,7 @@ def test_request_mail_is_single_text_plain_crlf() -> None:
     assert read_mail(raw, max_bytes=LIMIT).body.endswith(b"begin 600 request.asc\r\n`\r\nend\r\n")
 
 
-def _reply(in_reply_to: str | None) -> bytes:
+def _reply(in_reply_to: str | None, *, summary: bool = False) -> bytes:
     return build_reply_mail(
         armored=b"-----BEGIN PGP MESSAGE-----\n\nx\n-----END PGP MESSAGE-----\n",
         from_addr="root@server.test",
@@ -160,6 +160,7 @@ def _reply(in_reply_to: str | None) -> bytes:
         status="ok",
         exit_code=0,
         in_reply_to=in_reply_to,
+        summary=summary,
     )
 
 
@@ -170,10 +171,21 @@ def test_reply_mail_headers() -> None:
     assert msg["In-Reply-To"] == "<req.1@example.org>"
     assert msg["References"] == "<req.1@example.org>"
     assert msg.get_content_type() == "text/plain"
+    assert msg["Subject"] == "mailsh reply " + "b" * 32
+    body = read_mail(raw, max_bytes=LIMIT).body
+    assert body.startswith(b"mailsh reply\r\nrequest: " + b"b" * 32 + b"\r\n\r\n")
+    assert b"status:" not in body
+    assert b"exit code:" not in body
+    assert b"-----BEGIN PGP MESSAGE-----" in body
+
+
+def test_reply_summary_shows_status_and_exit_code() -> None:
+    raw = _reply(None, summary=True)
+    msg = message_from_bytes(raw, policy=default)
     assert msg["Subject"] == "mailsh reply " + "b" * 32 + " [ok]"
     body = read_mail(raw, max_bytes=LIMIT).body
-    assert body.startswith(b"mailsh reply\r\nrequest: " + b"b" * 32)
-    assert b"-----BEGIN PGP MESSAGE-----" in body
+    assert body.startswith(b"mailsh reply\r\nrequest: " + b"b" * 32 + b"\r\nstatus: ok\r\n")
+    assert b"exit code: 0\r\n" in body
 
 
 @pytest.mark.parametrize(

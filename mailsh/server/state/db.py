@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,8 @@ from mailsh.server.state.model import (
 from mailsh.server.state.outbound import _OutboundQueue
 
 log = logging.getLogger("mailsh.server.state")
+#: Rows deleted per transaction when pruning (keeps the write lock short).
+_PRUNE_BATCH = 500
 
 #: Final states that need a look: what ``mailsh status`` lists as problems.
 _PROBLEM_STATES = (
@@ -465,3 +467,81 @@ class StateDB(_OutboundQueue):
             for e in self.last_errors(errors)
         ]
         return report
+
+    # -- retention (mailsh.server.retention decides the cut-offs) ---------------------
+    # Plain DELETEs in short batches, each its own transaction, so intake and workers
+    # never wait long for the write lock. The audit log is append-only and never pruned.
+
+    def message_states(self, spool_ids: Collection[str]) -> dict[str, MessageState]:
+        """The state of each recorded message among ``spool_ids`` (unrecorded are absent)."""
+        ids = list(spool_ids)
+        found: dict[str, MessageState] = {}
+        with self._read() as conn:
+            for start in range(0, len(ids), _PRUNE_BATCH):
+                chunk = ids[start : start + _PRUNE_BATCH]
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(
+                    f"SELECT spool_id, state FROM messages WHERE spool_id IN ({marks})",  # noqa: S608 - only ?s
+                    chunk,
+                ).fetchall()
+                found.update((row[0], MessageState(row[1])) for row in rows)
+        return found
+
+    def prune_messages(self, before: datetime, *, keep: Collection[str] = ()) -> int:
+        """Delete rows of messages final since before ``before``; returns how many.
+
+        Kept whatever their age: unfinished messages, quarantined ones (their file stays
+        for a human), messages with an unsent (or abandoned) reply or an unfinished
+        claim, and the ids in ``keep`` (e.g. still in the spool's ``new/``).
+        """
+        final = tuple(s for s in FINAL_STATES if s != MessageState.QUARANTINED)
+        states = ",".join("?" * len(final))
+        old = f"state IN ({states}) AND updated_at < ?"
+        with self._read() as conn:  # no write lock while looking
+            rows = conn.execute(
+                f"SELECT spool_id FROM messages WHERE {old}",  # noqa: S608 - only ?s
+                (*final, _ts(before)),
+            ).fetchall()
+        ids = [row[0] for row in rows if row[0] not in keep]
+        removed = 0
+        for start in range(0, len(ids), _PRUNE_BATCH):
+            chunk = ids[start : start + _PRUNE_BATCH]
+            marks = ",".join("?" * len(chunk))
+            with self._write() as conn:  # re-checked here; each subquery runs once
+                removed += conn.execute(
+                    f"DELETE FROM messages WHERE spool_id IN ({marks}) AND {old}"  # noqa: S608
+                    " AND spool_id NOT IN (SELECT spool_id FROM outbound WHERE sent_at IS NULL)"
+                    " AND spool_id NOT IN"
+                    " (SELECT spool_id FROM requests WHERE finished_at IS NULL)",
+                    (*chunk, *final, _ts(before)),
+                ).rowcount
+        return removed
+
+    def prune_requests(self, before: datetime) -> int:
+        """Delete finished replay records claimed and issued before ``before``.
+
+        Unfinished claims are never deleted. The caller must choose ``before`` so that no
+        request issued then could still be accepted (see mailsh.server.retention).
+        """
+        return self._delete_batches(
+            "DELETE FROM requests WHERE rowid IN (SELECT rowid FROM requests"
+            " WHERE finished_at IS NOT NULL AND claimed_at < ? AND issued_at < ? LIMIT ?)",
+            (_ts(before), _ts(before)),
+        )
+
+    def prune_outbound(self, before: datetime) -> int:
+        """Delete replies sent before ``before``. Unsent and abandoned ones stay."""
+        return self._delete_batches(
+            "DELETE FROM outbound WHERE id IN (SELECT id FROM outbound"
+            " WHERE sent_at IS NOT NULL AND sent_at < ? LIMIT ?)",
+            (_ts(before),),
+        )
+
+    def _delete_batches(self, sql: str, params: tuple[str, ...]) -> int:
+        removed = 0
+        while True:
+            with self._write() as conn:
+                count = conn.execute(sql, (*params, _PRUNE_BATCH)).rowcount
+            removed += count
+            if count < _PRUNE_BATCH:
+                return removed
