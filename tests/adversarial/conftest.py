@@ -60,4 +60,5 @@ def kit(make_home: Callable[..., Home], alice: Home, mallory: Home) -> Iterator[
 @pytest.fixture(scope="module")
 def rig(kit: Kit, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     """One long-running serve with every intake, shared by the module's tests."""
-    yield from serve_rig(kit, tmp_path_factory.mktemp("rig"))
+    with serve_rig(kit, tmp_path_factory.mktemp("rig")) as running:
+        yield running

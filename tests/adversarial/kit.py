@@ -20,6 +20,7 @@ import smtplib
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
@@ -127,10 +128,19 @@ def to_mbox(mail: bytes) -> bytes:
 class Rig:
     """A running server with every intake, and the sink its replies go to."""
 
-    def __init__(self, kit: Kit, sink: Sink, root: Path) -> None:
+    def __init__(
+        self,
+        kit: Kit,
+        sink: Sink,
+        root: Path,
+        *,
+        mboxes: tuple[Path, ...] = (),
+        maildirs: tuple[Path, ...] = (),
+    ) -> None:
         self.kit = kit
         self.sink = sink
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         self.mbox = root / "root.mbox"
         self.mbox.touch()
         self.maildir = root / "Maildir"
@@ -147,8 +157,8 @@ class Rig:
         self.server = Server(
             self.settings,
             ServeOptions(
-                mboxes=[self.mbox],
-                maildirs=[self.maildir],
+                mboxes=[self.mbox, *mboxes],
+                maildirs=[self.maildir, *maildirs],
                 smtp_listen=("127.0.0.1", 0),
                 poll_interval=0.2,
                 shutdown_grace=5.0,
@@ -173,8 +183,16 @@ class Rig:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self, unblock: Callable[[], None] | None = None) -> None:
+        """Stop serve; ``unblock`` is called until it has (a hung intake needs help)."""
         self.server.request_stop()
-        self._thread.join(30)
+        deadline = time.monotonic() + 30
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            if unblock is not None:
+                unblock()
+            self._thread.join(0.1)
 
     @property
     def alive(self) -> bool:
@@ -234,9 +252,9 @@ class Rig:
 
     # -- observing --------------------------------------------------------------------
 
-    def settle(self) -> None:
+    def settle(self, timeout: float = SETTLE_SECONDS) -> None:
         """Wait until every accepted message reached a final state and nothing is queued."""
-        deadline = time.monotonic() + SETTLE_SECONDS
+        deadline = time.monotonic() + timeout
         while True:
             counts = self.state.counts()
             final = sum(n for state, n in counts.items() if state in _FINAL)
@@ -246,6 +264,14 @@ class Rig:
                 return
             assert self.alive, "serve died"
             assert time.monotonic() < deadline, f"not settled: {counts}, fed {self.fed}"
+            time.sleep(0.02)
+
+    def wait_until(self, done: Callable[[], bool], timeout: float) -> None:
+        """Wait for ``done()``; fail after ``timeout`` seconds (a hung or dead serve)."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert self.alive, "serve died"
+            assert time.monotonic() < deadline, "serve did not get there in time"
             time.sleep(0.02)
 
     def mailed(self, since: int) -> list[bytes]:
@@ -261,6 +287,8 @@ class Rig:
         assert self.feed(intake, [self.kit.request(marker_command(marker))]) == 1
 
 
-def serve_rig(kit: Kit, root: Path) -> Iterator[Rig]:
-    with Sink() as sink, Rig(kit, sink, root) as rig:
+@contextmanager
+def serve_rig(kit: Kit, root: Path, **intakes: tuple[Path, ...]) -> Iterator[Rig]:
+    """A running Rig (extra ``mboxes`` / ``maildirs`` beside its own clean ones)."""
+    with Sink() as sink, Rig(kit, sink, root, **intakes) as rig:
         yield rig
