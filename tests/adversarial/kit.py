@@ -6,7 +6,8 @@ thread with all four intakes at once: an mbox, a Maildir, the embedded SMTP list
 deliver`` fills. Replies leave through a real SMTP sink on 127.0.0.1. ``deliver`` is run
 in-process through click's test runner (the same command function, argument parsing and
 settings as the installed ``mailsh deliver``): a fresh interpreter per message would cost
-half a second each; ``integration/test_pipe_and_seed.py`` covers the real process.
+half a second each. A sample of the corpus also goes through the real process
+(intake ``deliver-process``).
 
 A test feeds hostile mail, waits until the server has taken every message it accepted
 to a final state, checks what ran and what was mailed, then sends one valid request
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import os
 import smtplib
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -202,7 +205,7 @@ class Rig:
 
     def feed(self, intake: str, mails: list[bytes], *, mail_from: str = "alice@example.org") -> int:
         """Deliver ``mails`` through one intake; return how many it accepted."""
-        accepted = getattr(self, f"_feed_{intake}")(mails, mail_from)
+        accepted = getattr(self, "_feed_" + intake.replace("-", "_"))(mails, mail_from)
         self.fed += accepted
         return int(accepted)
 
@@ -248,6 +251,21 @@ class Rig:
             result = runner.invoke(app, ["--home", str(self.settings.home), "deliver"], input=mail)
             assert result.exit_code in (0, 73), (result.exit_code, result.output)
             accepted += result.exit_code == 0
+        return accepted
+
+    def _feed_deliver_process(self, mails: list[bytes], mail_from: str) -> int:
+        """The installed command in a process of its own, as Postfix runs it."""
+        accepted = 0
+        for mail in mails:
+            proc = subprocess.run(
+                [sys.executable, "-m", "mailsh", "--home", str(self.settings.home), "deliver"],
+                input=mail,
+                capture_output=True,
+                check=False,
+                timeout=60,
+            )
+            assert proc.returncode in (0, 73), (proc.returncode, proc.stderr)
+            accepted += proc.returncode == 0
         return accepted
 
     # -- observing --------------------------------------------------------------------

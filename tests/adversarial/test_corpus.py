@@ -16,10 +16,22 @@ import pytest
 from tests.adversarial.corpus import CORPUS
 from tests.adversarial.kit import INTAKES, Case, Rig, marker_runs
 
+#: Fed through a real ``mailsh deliver`` process as well (half a second per mail).
+PROCESS_SAMPLE = ["gpg-confusion/unsigned-literal", "bombs/oversize-mail"]
+
 
 @pytest.mark.parametrize("intake", INTAKES)
 @pytest.mark.parametrize("case", CORPUS, ids=[c.id for c in CORPUS])
 def test_hostile_mail(rig: Rig, case: Case, intake: str, tmp_path: Path) -> None:
+    check_case(rig, case, intake, tmp_path)
+
+
+@pytest.mark.parametrize("case", [c for c in CORPUS if c.id in PROCESS_SAMPLE], ids=lambda c: c.id)
+def test_hostile_mail_through_the_deliver_process(rig: Rig, case: Case, tmp_path: Path) -> None:
+    check_case(rig, case, "deliver-process", tmp_path)
+
+
+def check_case(rig: Rig, case: Case, intake: str, tmp_path: Path) -> None:
     marker, after = tmp_path / "ran", tmp_path / "next"
     hostile = case.build(rig.kit, marker)
     before = len(rig.sink.messages)
