@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.adversarial.corpus import CORPUS
-from tests.adversarial.kit import INTAKES, Case, Rig, marker_runs
+from tests.adversarial.kit import INTAKES, Case, Rig, marker_command, marker_runs
 
 #: Fed through a real ``mailsh deliver`` process as well (half a second per mail).
 PROCESS_SAMPLE = ["gpg-confusion/unsigned-literal", "bombs/oversize-mail"]
@@ -46,3 +46,21 @@ def check_case(rig: Rig, case: Case, intake: str, tmp_path: Path) -> None:
         hostile.check(mailed)
     assert marker_runs(after) == 1, "the next valid request did not run exactly once"
     assert rig.alive
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: the SMTP listener stores the message without its null envelope sender, "
+    "so the processor cannot see a bounce (mbox/Maildir get Return-Path: <> from the MDA)",
+)
+def test_null_sender_over_smtp_is_a_bounce(rig: Rig, tmp_path: Path) -> None:
+    """MAIL FROM:<> marks a bounce (RFC 5321 section 4.5.5), which docs/server.md says is
+    discarded, as smtp_listener.py's doc promises ("bounces must reach the daemon so that
+    it can log and discard them"). Over the mbox, Postfix adds ``Return-Path: <>`` and
+    the same message is discarded; the listener adds nothing, so it runs."""
+    marker = tmp_path / "ran"
+    before = len(rig.sink.messages)
+    rig.feed("smtp", [rig.kit.request(marker_command(marker))], mail_from="")
+    rig.settle()
+    assert marker_runs(marker) == 0
+    assert rig.mailed(before) == []
