@@ -9,9 +9,9 @@ settings as the installed ``mailsh deliver``): a fresh interpreter per message w
 half a second each. A sample of the corpus also goes through the real process
 (intake ``deliver-process``).
 
-A test feeds hostile mail, waits until the server has taken every message it accepted
-to a final state, checks what ran and what was mailed, then sends one valid request
-through the same intake and checks that it ran exactly once and was answered.
+A test feeds hostile mail and, right behind it through the same intake, one valid
+request; waits until the server has taken every message the intake accepted to a final
+state and sent every reply it queued; then checks what ran and what was mailed.
 """
 
 from __future__ import annotations
