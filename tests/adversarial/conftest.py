@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import pytest
 
+from mailsh.keys.trust import TrustedKey, load_trust, save_trust
 from tests.adversarial.kit import Kit, PastKey, Rig, serve_rig
 from tests.attacks import forge
 from tests.conftest import Home
@@ -41,11 +43,14 @@ def kit(make_home: Callable[..., Home], alice: Home, mallory: Home) -> Iterator[
         uid = "expired <expired@example.org>"
         forge.gpg(past, "--quick-gen-key", uid, "future-default", "default", "1d", faked=PAST)
         [old] = forge.fingerprints(past)
-        key_file = past / "expired.asc"
-        key_file.write_bytes(forge.gpg(past, "--armor", "--export", old))
-        from mailsh.keys.trust import add_trusted_key
-
-        add_trusted_key(server.gpg, server.settings.trust_file, key_file, reply_to=None)
+        # Pinned while it was valid (trust add now refuses a key that can no longer
+        # receive an encrypted reply): its entry written as trust add wrote it then.
+        server.gpg.raw.import_keys(forge.gpg(past, "--armor", "--export", old).decode())
+        store = load_trust(server.settings.trust_file)
+        entry = TrustedKey(
+            fingerprint=old, reply_to="expired@example.org", uids=(uid,), added_at="2020-01-01"
+        )
+        save_trust(server.settings.trust_file, replace(store, keys=(*store.keys, entry)))
         yield Kit(
             alice=alice,
             server=server,
