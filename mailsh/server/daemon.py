@@ -23,7 +23,8 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -182,6 +183,7 @@ class Server:
         self.smtp_port: int | None = None
         self.abandoned = 0  # commands still running when shutdown gave up on them
         self._last_sweep = 0.0
+        self._backlogged = False  # the last dispatch left work for busy workers
         self.loop_errors = 0  # main-loop iterations that failed and were retried
         self.containment: Containment | None = None  # chosen when run() starts
 
@@ -294,7 +296,7 @@ class Server:
             try:
                 self.collect()
                 self.dispatch()
-                watcher.wait(timeout=1.0)
+                self.wait_for_work(watcher)
                 self.reap()
                 self.sweep_if_due()
             except Exception as exc:  # the daemon outlives any one failure (P11)
@@ -328,14 +330,27 @@ class Server:
         self.reap()
         free = self.settings.workers - len(self._inflight)
         started = 0
+        self._backlogged = False
         for msg in self.spool.pending():
+            if msg.id in self._inflight:
+                continue
             if started >= free:
+                self._backlogged = True  # more work waits for a worker of ours
                 break
-            if msg.id in self._inflight or not self._lock(msg):
+            if not self._lock(msg):
                 continue
             self._inflight[msg.id] = self._pool.submit(self._process, msg)
             started += 1
         return started
+
+    def wait_for_work(self, watcher: Watcher, timeout: float = 1.0) -> None:
+        """Sleep until there may be something to do: a worker finished while messages wait
+        for one, or (otherwise) the watcher saw a mailbox or the spool change."""
+        running = [f for f in self._inflight.values() if not f.done()]
+        if self._backlogged and running:
+            futures_wait(running, timeout=timeout, return_when=FIRST_COMPLETED)
+        else:
+            watcher.wait(timeout=timeout)
 
     def _process(self, msg: SpooledMessage) -> MessageState:
         try:

@@ -204,6 +204,10 @@ class _Handler:
             return "451 4.3.0 try again later"
         if self._paused():
             return SMTP_PAUSED
+        if envelope.mail_from in (None, "", "<>"):
+            # A null sender marks a bounce (RFC 5321 4.5.5). Record it the way a local
+            # delivery agent does, so the processor discards it as it does from an mbox.
+            data = b"Return-Path: <>\r\n" + data
         loop = asyncio.get_running_loop()
         try:
             stored = await loop.run_in_executor(

@@ -291,9 +291,9 @@ def test_send_that_may_have_left_is_never_forgotten(carol: Home, srv: Home, tmp_
     # The request is still known here, so its reply can be waited for.
     mbox = tmp_path / "mbox"
     mbox.touch()
-    later = mailsh(carol, "wait-reply", rid, "--mbox", str(mbox), "--timeout", "0.1")
+    later = mailsh(carol, "wait-reply", rid, "--mbox", str(mbox), "--wait-timeout", "0.1")
     assert later.returncode == 255
-    assert b"no reply after" in later.stderr
+    assert f"no reply to request {rid}".encode() in later.stderr
 
 
 # --------------------------------------------------------------------------- 2
@@ -328,7 +328,7 @@ def test_duplicate_delivery_while_running_reports_the_real_outcome(
     assert state.counts()["duplicate"] == 1
     # A later wait-reply finds the same truth (the notice in the mailbox is not it).
     [rid] = claimed_ids(srv)
-    again = mailsh(carol, "wait-reply", rid, "--mbox", str(mbox), "--timeout", "30")
+    again = mailsh(carol, "wait-reply", rid, "--mbox", str(mbox), "--wait-timeout", "30")
     assert (again.returncode, again.stdout) == (0, b"REAL\n"), again.stderr
     assert outbound_for(srv, rid) == 2  # the outcome and one notice, never more
 
