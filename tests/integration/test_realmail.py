@@ -60,7 +60,7 @@ COMMAND = "echo out; echo err >&2; exit 7"
 ROUND_TRIP_TIMEOUT = 120.0
 BURST = 200
 BURST_TIMEOUT = 600.0
-REPLY_ID = re.compile(rb"^Subject: mailsh reply ([0-9a-f]{32}) ", re.MULTILINE)
+REPLY_ID = re.compile(rb"^Subject: mailsh reply ([0-9a-f]{32})\b", re.MULTILINE)
 
 Cleanup = Callable[[Path, str], None]
 Run = Callable[..., tuple[int, bytes, bytes]]
