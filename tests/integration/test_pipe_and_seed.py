@@ -140,7 +140,7 @@ def gpg_read_reply(alice: Home, mail: bytes, path: Path, server_fpr: str) -> Gpg
 
 
 def assert_preamble(reading: GpgReading, *, status: str, exit_code: int | None) -> None:
-    """The clear text names only the request (private replies, docs/security.md P14);
+    """The clear text names only the request (private replies, docs/security.md P17);
     status and exit code are read from the decrypted reply."""
     rid = reading.reply["request_id"] or "unknown"
     assert f"request: {rid}\n" in reading.preamble
@@ -620,7 +620,7 @@ def test_seed_client_runs_when_allowed_once_and_reply_reads_with_gpg(
     served = serve_root_mbox(mailrig, root_server)
     # If this fails, another consumer of /var/mail/root (a concurrent test run from
     # another checkout) took the mail first; see root_mbox_exclusive.
-    assert "reason=replay" in served.stderr, served.stderr
+    assert "original=finished notice=True" in served.stderr, served.stderr
     assert marker.read_text() == "ran\n"  # not run again
     again = gpg_read_reply(
         rig_alice,
@@ -628,10 +628,12 @@ def test_seed_client_runs_when_allowed_once_and_reply_reads_with_gpg(
         tmp_path / "replay.eml",
         root_server.fingerprint,
     )
-    assert again.reply["status"] == "rejected"
-    assert again.reply["request_id"] == reading.reply["request_id"]  # same signature id
-    assert "replay" in again.reply["reason"]
-    assert_preamble(again, status="rejected", exit_code=None)
+    # A copy gets one notice, never a second outcome (docs/protocol.md section 9a).
+    assert again.reply["kind"] == "mailsh.notice.v1"
+    assert again.reply["original"] == "finished"
+    assert again.reply["request_id"] == reading.reply["request_id"]  # what was signed
+    assert f"request: {again.reply['request_id']}\n" in again.preamble
+    assert "status:" not in again.preamble
 
 
 def test_seed_client_without_the_flag_is_refused_and_told_why(
