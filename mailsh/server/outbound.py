@@ -52,9 +52,17 @@ class OutboundWorker:
         self._wake.set()
 
     def flush(self) -> int:
-        """Send everything due now; returns how many were sent."""
+        """Send everything due now; returns how many were sent.
+
+        One lease holds at most 100 replies, so lease again until a round sends nothing
+        (``serve --once`` after a burst of more than 100 requests must not exit with
+        replies still queued). Failed sends are rescheduled for later, so this ends.
+        """
         with self._flushing:
-            return self._flush()
+            total = 0
+            while sent := self._flush():
+                total += sent
+            return total
 
     def _flush(self) -> int:
         sent = 0
