@@ -32,6 +32,7 @@ decides what "temporary" means):
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import re
 import smtplib
@@ -221,13 +222,18 @@ def send_smtp(
     password = options.password.get_secret_value() if options.password is not None else ""
     if target.user is not None and not password:
         raise UsageError(f"SMTP user {target.user!r} given but no password", hint=_PASSWORD_HINT)
-    try:
-        context = _tls_context(options.ca_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(
-            f"cannot load CA file {str(options.ca_file)!r}: {_one_line(str(exc))}",
-            hint="--ca-file must name a PEM file of CA certificates",
-        ) from exc
+    # A given --ca-file is loaded (and a bad one refused) before connecting. The system
+    # CA store costs tens of ms to load (docs/performance.md), so without --ca-file the
+    # context is built only when TLS is actually used, and once per process.
+    context: ssl.SSLContext | None = None
+    if options.ca_file is not None:
+        try:
+            context = _tls_context(options.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(
+                f"cannot load CA file {str(options.ca_file)!r}: {_one_line(str(exc))}",
+                hint="--ca-file must name a PEM file of CA certificates",
+            ) from exc
     client: smtplib.SMTP | None = None
     try:
         # Host given to the constructor (which connects): smtplib only remembers it for
@@ -238,7 +244,7 @@ def send_smtp(
                 target.port,
                 local_hostname=options.local_hostname,
                 timeout=options.timeout,
-                context=context,
+                context=context or _system_tls_context(),
             )
         else:
             client = smtplib.SMTP(
@@ -269,7 +275,7 @@ def _start_session(
     target: SmtpTarget,
     options: SmtpOptions,
     *,
-    context: ssl.SSLContext,
+    context: ssl.SSLContext | None,
     password: str,
 ) -> None:
     """EHLO, STARTTLS if offered, AUTH if a user is given."""
@@ -277,7 +283,7 @@ def _start_session(
     client.ehlo_or_helo_if_needed()
     encrypted = target.implicit_tls
     if not encrypted and client.has_extn("starttls"):
-        client.starttls(context=context)
+        client.starttls(context=context or _system_tls_context())
         client.ehlo()
         encrypted = True
     if not encrypted and options.require_tls:
@@ -367,8 +373,18 @@ def _network_error(exc: OSError, target: SmtpTarget, options: SmtpOptions) -> Tr
 
 def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
     if ca_file is None:
-        return ssl.create_default_context()
+        return _system_tls_context()
     return ssl.create_default_context(cafile=str(ca_file))
+
+
+@functools.cache
+def _system_tls_context() -> ssl.SSLContext:
+    """The default context with the system CA store, loaded once per process.
+
+    Contexts are safe to share between connections and threads; a server picks up a
+    changed system CA store when it restarts.
+    """
+    return ssl.create_default_context()
 
 
 def _is_loopback(host: str) -> bool:

@@ -16,6 +16,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from pydantic import SecretStr
 
+from mailsh import transport
 from mailsh.addresses import InvalidAddressError, validate_address
 from mailsh.errors import TransportError, UsageError
 from mailsh.transport import (
@@ -262,6 +263,17 @@ def test_plain_send_arrives_byte_exact(make_server: Any) -> None:
     server = make_server()
     send_smtp(server.url(), OPTS, mail_from=FROM, rcpt_to=[TO], message=MESSAGE)
     assert server.recorder.envelopes == [(FROM, [TO], MESSAGE)]
+
+
+def test_plain_smtp_does_not_load_the_system_ca_store(make_server: Any) -> None:
+    # Loading it cost tens of ms per `mailsh send` and per reply (docs/performance.md);
+    # plain SMTP on loopback never needs it.
+    transport._system_tls_context.cache_clear()
+    server = make_server()
+    send_smtp(server.url(), OPTS, mail_from=FROM, rcpt_to=[TO], message=MESSAGE)
+    send_smtp(server.url(), OPTS, mail_from=FROM, rcpt_to=[TO], message=MESSAGE)
+    assert server.recorder.envelopes == [(FROM, [TO], MESSAGE)] * 2
+    assert transport._system_tls_context.cache_info().currsize == 0
 
 
 def test_bare_lf_message_arrives_crlf_normalised(make_server: Any) -> None:
