@@ -95,7 +95,7 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": model,
         "cores": os.cpu_count(),
-        "load_average": list(os.getloadavg()),
+        "load_average": list(os.getloadavg()),  # at the end of the run
         "kernel": os.uname().release,
         "python": sys.version.split()[0],
         "gnupg": gpg.stdout.splitlines()[0] if gpg.stdout else "",
@@ -124,12 +124,14 @@ def render(sections: Sequence[Section]) -> str:
     return "\n".join(out)
 
 
-def as_json(sections: Sequence[Section], *, size: str, started: float) -> dict[str, Any]:
+def as_json(
+    sections: Sequence[Section], *, size: str, started: float, load_at_start: Sequence[float]
+) -> dict[str, Any]:
     return {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_s": round(time.time() - started, 1),
         "size": size,
-        "machine": machine(),
+        "machine": {**machine(), "load_average_at_start": list(load_at_start)},
         "sections": {
             s.key: {
                 "title": s.title,

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     wanted = args.only or list(SECTIONS)
     ctx = Ctx(sizes=sizes, keep=args.keep, verbose=not args.quiet)
     started = time.time()
+    load_at_start = os.getloadavg()
     done: list[Section] = []
     drain_peaks: dict[str, float] = {}
     steps: dict[str, Callable[[], Section]] = {
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
             print(render([section]), flush=True)
     finally:
         ctx.close()
-    doc = as_json(done, size=sizes.name, started=started)
+    doc = as_json(done, size=sizes.name, started=started, load_at_start=load_at_start)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     print(f"\nwrote {args.json} ({doc['duration_s']} s)", flush=True)
