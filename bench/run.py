@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,14 +31,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="full (what docs/performance.md reports, ~10 min on 2 cores), quick (~2 min), "
         "tiny (the smoke test's; seconds) [env MAILSH_BENCH_SIZE, default full]",
     )
-    p.add_argument("--quick", action="store_const", dest="size", const="quick")
+    p.add_argument(
+        "--quick", action="store_const", dest="size", const="quick", help="same as --size quick"
+    )
     p.add_argument(
         "--only",
         action="append",
         choices=SECTIONS,
         help="run only this section (repeatable); default: all",
     )
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"[{DEFAULT_JSON}]")
+    p.add_argument(
+        "--json", type=Path, default=DEFAULT_JSON, help=f"where the JSON goes [{DEFAULT_JSON}]"
+    )
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p.parse_args(argv)
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         "startup": lambda: startup.run(ctx),
         "breakdown": lambda: breakdown.run(ctx),
     }
-    print(f"mailsh bench, size {sizes.name}, scratch {ctx.root}", file=sys.stderr)
+    ctx.say(f"mailsh bench, size {sizes.name}, scratch {ctx.root}")
     try:
         for key in SECTIONS:
             if key not in wanted:
