@@ -218,33 +218,79 @@ def send_smtp(
     :class:`~mailsh.errors.UsageError` for bad arguments, :class:`TransportTempError` when
     a later retry may succeed and :class:`~mailsh.errors.TransportError` otherwise.
     """
-    sender, recipients = _check_envelope(mail_from, rcpt_to)
-    password = options.password.get_secret_value() if options.password is not None else ""
-    if target.user is not None and not password:
-        raise UsageError(f"SMTP user {target.user!r} given but no password", hint=_PASSWORD_HINT)
-    # A given --ca-file is loaded (and a bad one refused) before connecting. The system
-    # CA store costs tens of ms to load (docs/performance.md), so without --ca-file the
-    # context is built only when TLS is actually used, and once per process.
-    context: ssl.SSLContext | None = None
-    if options.ca_file is not None:
-        try:
-            context = _tls_context(options.ca_file)
-        except (OSError, ssl.SSLError) as exc:
+    with SmtpSession(target, options) as session:
+        session.send(mail_from=mail_from, rcpt_to=rcpt_to, message=message)
+
+
+class SmtpSession:
+    """Several messages over one SMTP connection (a burst of replies), opened on the
+    first :meth:`send` and closed (QUIT) on exit.
+
+    Each :meth:`send` behaves and fails exactly like :func:`send_smtp`. Before a reused
+    connection carries another message it must answer NOOP, else a new one is opened;
+    after any failure the connection is dropped and the next message starts afresh.
+    Connection, EHLO, STARTTLS and AUTH are paid once per burst instead of once per
+    message (docs/performance.md).
+    """
+
+    def __init__(self, target: SmtpTarget, options: SmtpOptions) -> None:
+        self.target = target
+        self.options = options
+        self._password = options.password.get_secret_value() if options.password is not None else ""
+        # A given --ca-file is loaded (and a bad one refused) before connecting. The
+        # system CA store costs tens of ms to load (docs/performance.md), so without
+        # --ca-file the context is built only when TLS is actually used, once per process.
+        self._context: ssl.SSLContext | None = None
+        if options.ca_file is not None:
+            try:
+                self._context = _tls_context(options.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise UsageError(
+                    f"cannot load CA file {str(options.ca_file)!r}: {_one_line(str(exc))}",
+                    hint="--ca-file must name a PEM file of CA certificates",
+                ) from exc
+        self._client: smtplib.SMTP | None = None
+
+    def send(self, *, mail_from: str, rcpt_to: Sequence[str], message: bytes) -> None:
+        """Send one message; return once the server accepted it (see :func:`send_smtp`)."""
+        target = self.target
+        sender, recipients = _check_envelope(mail_from, rcpt_to)
+        if target.user is not None and not self._password:
             raise UsageError(
-                f"cannot load CA file {str(options.ca_file)!r}: {_one_line(str(exc))}",
-                hint="--ca-file must name a PEM file of CA certificates",
-            ) from exc
-    client: smtplib.SMTP | None = None
-    try:
+                f"SMTP user {target.user!r} given but no password", hint=_PASSWORD_HINT
+            )
+        try:
+            client = self._connected()
+            refused = client.sendmail(sender, recipients, to_crlf(message))
+            if refused:
+                raise _recipients_error(refused, target.hostport, all_refused=False)
+        except BaseException as exc:
+            self._drop()
+            if isinstance(exc, smtplib.SMTPException):
+                raise _smtp_error(exc, target, sender) from exc
+            if isinstance(exc, OSError) and not isinstance(exc, TransportError):
+                raise _network_error(exc, target, self.options) from exc
+            raise
+
+    def _connected(self) -> smtplib.SMTP:
+        if self._client is not None:
+            try:
+                if self._client.noop()[0] == 250:
+                    return self._client
+            except (smtplib.SMTPException, OSError):
+                pass
+            self._drop()
+        target, options = self.target, self.options
         # Host given to the constructor (which connects): smtplib only remembers it for
         # TLS host name checks then; connect() alone leaves server_hostname empty.
+        client: smtplib.SMTP
         if target.implicit_tls:
             client = smtplib.SMTP_SSL(
                 target.host,
                 target.port,
                 local_hostname=options.local_hostname,
                 timeout=options.timeout,
-                context=context or _system_tls_context(),
+                context=self._context or _system_tls_context(),
             )
         else:
             client = smtplib.SMTP(
@@ -253,21 +299,32 @@ def send_smtp(
                 local_hostname=options.local_hostname,
                 timeout=options.timeout,
             )
-        _start_session(client, target, options, context=context, password=password)
-        refused = client.sendmail(sender, recipients, to_crlf(message))
-        if refused:
-            raise _recipients_error(refused, target.hostport, all_refused=False)
-        with contextlib.suppress(smtplib.SMTPException, OSError):
-            client.quit()  # the message was accepted; a failing QUIT changes nothing
-    except TransportError:
-        raise
-    except smtplib.SMTPException as exc:
-        raise _smtp_error(exc, target, sender) from exc
-    except OSError as exc:
-        raise _network_error(exc, target, options) from exc
-    finally:
-        if client is not None:
+        try:
+            _start_session(client, target, options, context=self._context, password=self._password)
+        except BaseException:
             client.close()
+            raise
+        self._client = client
+        return client
+
+    def _drop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def close(self) -> None:
+        """QUIT and close; every message sent was already accepted, so errors here change
+        nothing."""
+        if self._client is not None:
+            with contextlib.suppress(smtplib.SMTPException, OSError):
+                self._client.quit()
+            self._drop()
+
+    def __enter__(self) -> SmtpSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _start_session(
