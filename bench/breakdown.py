@@ -26,7 +26,7 @@ from typing import Any
 from bench.context import Ctx
 from bench.core import Section, median
 from bench.roundtrip import COMMAND, send_argv
-from bench.world import SERVER, Home, Serve, Sink, free_port, seal
+from bench.world import CLIENTS_POLLED, SERVER, Home, Serve, Sink, free_port, polled, seal
 from mailsh import envelope, protocol
 from mailsh.keys.crypto import seal as pgp_seal
 from mailsh.keys.crypto import verify
@@ -146,8 +146,10 @@ def run(ctx: Ctx) -> Section:
             subprocess.run(argv, capture_output=True, check=True)  # warm-up
             for i in range(runs):
                 t0 = time.time()
-                subprocess.run(argv, capture_output=True, check=True)
+                done = subprocess.run(argv, capture_output=True, check=True)
                 t_end = time.time()
+                if polled(done.stderr):
+                    CLIENTS_POLLED.append(argv[0])
                 k = i + 1  # the warm-up was message 0
                 wait_deadline = time.monotonic() + 5
                 while time.monotonic() < wait_deadline:

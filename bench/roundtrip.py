@@ -14,7 +14,7 @@ from pathlib import Path
 from bench.context import Ctx
 from bench.core import Section, median
 from bench.sshd import ThrowawaySshd, unavailable_reason
-from bench.world import SERVER, Serve, Sink, free_port, mailsh_argv
+from bench.world import CLIENTS_POLLED, SERVER, Serve, Sink, free_port, mailsh_argv, polled
 
 COMMAND = "uname -a"
 
@@ -23,6 +23,8 @@ def timed(argv: list[str], expect: bytes) -> float:
     started = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, timeout=120, check=False)
     elapsed = time.perf_counter() - started
+    if polled(done.stderr):
+        CLIENTS_POLLED.append(argv[0])
     if done.returncode != 0 or done.stdout != expect:
         raise RuntimeError(
             f"{argv[0]} exited {done.returncode} with {done.stdout[:200]!r}, expected {expect!r}:"

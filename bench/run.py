@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import breakdown, intake, memory, roundtrip, startup, throughput
+from bench import breakdown, intake, memory, roundtrip, startup, throughput, world
 from bench.context import Ctx
 from bench.core import SIZES, Section, as_json, render
 
@@ -73,7 +73,14 @@ def main(argv: list[str] | None = None) -> None:
             if key not in wanted:
                 continue
             t0 = time.monotonic()
+            serves, clients = len(world.SERVES), len(world.CLIENTS_POLLED)
             section = steps[key]()
+            if any(s.polled() for s in world.SERVES[serves:]) or world.CLIENTS_POLLED[clients:]:
+                section.note(
+                    "WARNING: inotify was unavailable (see fs.inotify.max_user_instances), so "
+                    "serve or the client polled every 2 s: wake-up and pick-up figures of "
+                    "this section include polling delays"
+                )
             section.extra["seconds"] = round(time.monotonic() - t0, 1)
             if key == "intake":
                 drain_peaks.update(section.extra.get("drain_peak_rss", {}))

@@ -39,6 +39,18 @@ JUNK = (
 )
 
 
+#: What mailsh logs when inotify is unavailable and it polls instead (server/watch.py).
+POLLING_MARKERS = (b"inotify unavailable", b"polling it")
+#: Every serve this process started, and the client runs that fell back to polling:
+#: run.py notes it on a section, since its wake-up figures then include polling delays.
+SERVES: list[Serve] = []
+CLIENTS_POLLED: list[str] = []
+
+
+def polled(output: bytes) -> bool:
+    return any(marker in output for marker in POLLING_MARKERS)
+
+
 def mailsh_argv() -> list[str]:
     """How an operator starts mailsh from this virtualenv: its console script."""
     script = Path(sys.executable).with_name("mailsh")
@@ -246,6 +258,7 @@ class Serve:
         self.log = self.home / "serve.log"
 
     def start(self) -> Serve:
+        SERVES.append(self)
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [*mailsh_argv(), "--home", str(self.home), "serve", *self.args],
@@ -263,6 +276,13 @@ class Serve:
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"mailsh serve exited {self.proc.returncode}: {self.tail()}")
+
+    def polled(self) -> bool:
+        """True if serve said inotify was unavailable and it polled instead."""
+        try:
+            return polled(self.log.read_bytes())
+        except OSError:
+            return False
 
     def tail(self, lines: int = 15) -> str:
         try:
