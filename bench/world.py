@@ -299,6 +299,8 @@ class Serve:
         wait_until(up, timeout, interval=0.02)
 
     def stop(self) -> int:
+        """Stop serve, then the gpg-agent it started: each agent holds two inotify
+        instances, and a full run makes ~25 server homes (the per-user limit is 128)."""
         if self.proc is None:
             return 0
         if self.proc.poll() is None:
@@ -308,6 +310,7 @@ class Serve:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        kill_agent(self.home)
         return self.proc.returncode
 
     def __enter__(self) -> Serve:
@@ -325,6 +328,7 @@ def run_once(home: Path, args: list[str], timeout: float = 1800.0) -> tuple[floa
     _, status, usage = os.wait4(serve.proc.pid, 0)
     elapsed = time.monotonic() - started
     serve.proc.returncode = os.waitstatus_to_exitcode(status)
+    kill_agent(home)
     if serve.proc.returncode != 0:
         raise RuntimeError(f"serve --once exited {serve.proc.returncode}: {serve.tail()}")
     return elapsed, usage.ru_maxrss * 1024, serve
