@@ -6,10 +6,11 @@ from the same settings (``smtp``/``sendmail`` and the TLS options) with the same
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from mailsh.errors import ConfigError, UsageError
 
@@ -18,6 +19,12 @@ if TYPE_CHECKING:
     from mailsh.transport import SmtpOptions, SmtpTarget
 
 TRANSPORT_HINT = "--smtp smtp://host:587 or --sendmail /usr/sbin/sendmail"
+
+
+class Submit(Protocol):
+    """Hand one message over; returns once it was accepted (raises otherwise)."""
+
+    def __call__(self, *, mail_from: str, rcpt_to: Sequence[str], message: bytes) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,18 @@ class Outbound:
             send_smtp(self.smtp, options, mail_from=mail_from, rcpt_to=rcpt_to, message=message)
         elif self.sendmail is not None:
             send_sendmail(self.sendmail, mail_from=mail_from, rcpt_to=rcpt_to, message=message)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Submit]:
+        """Submit several messages in a row (a burst of replies): over SMTP on one
+        connection (:class:`~mailsh.transport.SmtpSession`); sendmail runs once each."""
+        from mailsh.transport import SmtpOptions, SmtpSession
+
+        if self.smtp is None:
+            yield self.submit
+            return
+        with SmtpSession(self.smtp, self.smtp_options or SmtpOptions()) as smtp:
+            yield smtp.send
 
     def __str__(self) -> str:
         return str(self.smtp) if self.smtp is not None else f"sendmail {self.sendmail}"

@@ -32,6 +32,7 @@ decides what "temporary" means):
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import re
 import smtplib
@@ -243,28 +244,96 @@ def send_smtp(
     :class:`~mailsh.errors.UsageError` for bad arguments, :class:`TransportTempError` when
     a later retry may succeed and :class:`~mailsh.errors.TransportError` otherwise.
     """
-    sender, recipients = _check_envelope(mail_from, rcpt_to)
-    password = options.password.get_secret_value() if options.password is not None else ""
-    if target.user is not None and not password:
-        raise UsageError(f"SMTP user {target.user!r} given but no password", hint=_PASSWORD_HINT)
-    try:
-        context = _tls_context(options.ca_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(
-            f"cannot load CA file {str(options.ca_file)!r}: {_one_line(str(exc))}",
-            hint="--ca-file must name a PEM file of CA certificates",
-        ) from exc
-    client: _Smtp | _SmtpSsl | None = None
-    try:
+    with SmtpSession(target, options) as session:
+        session.send(mail_from=mail_from, rcpt_to=rcpt_to, message=message)
+
+
+class SmtpSession:
+    """Several messages over one SMTP connection (a burst of replies), opened on the
+    first :meth:`send` and closed (QUIT) on exit.
+
+    Each :meth:`send` behaves and fails exactly like :func:`send_smtp`. Before a reused
+    connection carries another message it must answer NOOP, else a new one is opened;
+    after any failure the connection is dropped and the next message starts afresh.
+    Connection, EHLO, STARTTLS and AUTH are paid once per burst instead of once per
+    message (docs/performance.md).
+    """
+
+    def __init__(self, target: SmtpTarget, options: SmtpOptions) -> None:
+        self.target = target
+        self.options = options
+        self._password = options.password.get_secret_value() if options.password is not None else ""
+        # A given --ca-file is loaded (and a bad one refused) before connecting. The
+        # system CA store costs tens of ms to load (docs/performance.md), so without
+        # --ca-file the context is built only when TLS is actually used, once per process.
+        self._context: ssl.SSLContext | None = None
+        if options.ca_file is not None:
+            try:
+                self._context = _tls_context(options.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise UsageError(
+                    f"cannot load CA file {str(options.ca_file)!r}: {_one_line(str(exc))}",
+                    hint="--ca-file must name a PEM file of CA certificates",
+                ) from exc
+        self._client: _Smtp | _SmtpSsl | None = None
+
+    def send(self, *, mail_from: str, rcpt_to: Sequence[str], message: bytes) -> None:
+        """Send one message; return once the server accepted it (see :func:`send_smtp`).
+
+        A failure after the message itself started to go out (SMTP DATA) without a
+        definite answer raises :class:`HandoffUnknownError`: it may have been accepted.
+        """
+        target = self.target
+        sender, recipients = _check_envelope(mail_from, rcpt_to)
+        if target.user is not None and not self._password:
+            raise UsageError(
+                f"SMTP user {target.user!r} given but no password", hint=_PASSWORD_HINT
+            )
+        client: _Smtp | _SmtpSsl | None = None
+        try:
+            client = self._connected()
+            client.data_started = False
+            refused = client.sendmail(sender, recipients, to_crlf(message))
+            if refused:
+                raise _recipients_error(refused, target.hostport, all_refused=False)
+        except BaseException as exc:
+            self._drop()
+            if isinstance(exc, TransportError):
+                raise
+            if isinstance(exc, smtplib.SMTPResponseException):  # a definite answer
+                raise _smtp_error(exc, target, sender) from exc
+            if isinstance(exc, smtplib.SMTPException | OSError):
+                if client is not None and client.data_started:
+                    raise HandoffUnknownError(
+                        f"the connection to {target.hostport} failed while the message was "
+                        f"being sent ({_one_line(str(exc)) or type(exc).__name__}); the "
+                        "server may or may not have accepted it",
+                        hint="assume it may have been sent",
+                    ) from exc
+                if isinstance(exc, smtplib.SMTPException):
+                    raise _smtp_error(exc, target, sender) from exc
+                raise _network_error(exc, target, self.options) from exc
+            raise
+
+    def _connected(self) -> _Smtp | _SmtpSsl:
+        if self._client is not None:
+            try:
+                if self._client.noop()[0] == 250:
+                    return self._client
+            except (smtplib.SMTPException, OSError):
+                pass
+            self._drop()
+        target, options = self.target, self.options
         # Host given to the constructor (which connects): smtplib only remembers it for
         # TLS host name checks then; connect() alone leaves server_hostname empty.
+        client: _Smtp | _SmtpSsl
         if target.implicit_tls:
             client = _SmtpSsl(
                 target.host,
                 target.port,
                 local_hostname=options.local_hostname,
                 timeout=options.timeout,
-                context=context,
+                context=self._context or _system_tls_context(),
             )
         else:
             client = _Smtp(
@@ -273,30 +342,32 @@ def send_smtp(
                 local_hostname=options.local_hostname,
                 timeout=options.timeout,
             )
-        _start_session(client, target, options, context=context, password=password)
-        refused = client.sendmail(sender, recipients, to_crlf(message))
-        if refused:
-            raise _recipients_error(refused, target.hostport, all_refused=False)
-        with contextlib.suppress(smtplib.SMTPException, OSError):
-            client.quit()  # the message was accepted; a failing QUIT changes nothing
-    except TransportError:
-        raise
-    except smtplib.SMTPResponseException as exc:  # a definite answer: not accepted
-        raise _smtp_error(exc, target, sender) from exc
-    except (smtplib.SMTPException, OSError) as exc:
-        if client is not None and client.data_started:
-            raise HandoffUnknownError(
-                f"the connection to {target.hostport} failed while the message was being "
-                f"sent ({_one_line(str(exc)) or type(exc).__name__}); the server may or may "
-                "not have accepted it",
-                hint="assume it may have been sent",
-            ) from exc
-        if isinstance(exc, smtplib.SMTPException):
-            raise _smtp_error(exc, target, sender) from exc
-        raise _network_error(exc, target, options) from exc
-    finally:
-        if client is not None:
+        try:
+            _start_session(client, target, options, context=self._context, password=self._password)
+        except BaseException:
             client.close()
+            raise
+        self._client = client
+        return client
+
+    def _drop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def close(self) -> None:
+        """QUIT and close; every message sent was already accepted, so errors here change
+        nothing."""
+        if self._client is not None:
+            with contextlib.suppress(smtplib.SMTPException, OSError):
+                self._client.quit()
+            self._drop()
+
+    def __enter__(self) -> SmtpSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _start_session(
@@ -304,7 +375,7 @@ def _start_session(
     target: SmtpTarget,
     options: SmtpOptions,
     *,
-    context: ssl.SSLContext,
+    context: ssl.SSLContext | None,
     password: str,
 ) -> None:
     """EHLO, STARTTLS if offered, AUTH if a user is given."""
@@ -312,7 +383,7 @@ def _start_session(
     client.ehlo_or_helo_if_needed()
     encrypted = target.implicit_tls
     if not encrypted and client.has_extn("starttls"):
-        client.starttls(context=context)
+        client.starttls(context=context or _system_tls_context())
         client.ehlo()
         encrypted = True
     if not encrypted and options.require_tls:
@@ -402,8 +473,18 @@ def _network_error(exc: OSError, target: SmtpTarget, options: SmtpOptions) -> Tr
 
 def _tls_context(ca_file: Path | None) -> ssl.SSLContext:
     if ca_file is None:
-        return ssl.create_default_context()
+        return _system_tls_context()
     return ssl.create_default_context(cafile=str(ca_file))
+
+
+@functools.cache
+def _system_tls_context() -> ssl.SSLContext:
+    """The default context with the system CA store, loaded once per process.
+
+    Contexts are safe to share between connections and threads; a server picks up a
+    changed system CA store when it restarts.
+    """
+    return ssl.create_default_context()
 
 
 def _is_loopback(host: str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,48 @@ HARDENING_OPTIONS = (
 )
 
 
+#: python-gnupg handles already set up in this process. ``gnupg.GPG()`` runs gpg once
+#: to learn its version; a client round trip would otherwise pay that for every
+#: :class:`Gpg` it makes (send, then wait). A handle holds no per-call state, and the
+#: server already shares one between its worker threads.
+_HANDLES: dict[tuple[str, ...], Any] = {}
+_HANDLES_LOCK = threading.Lock()
+
+
+def _handle(binary: str, gnupg_home: Path, max_output: int) -> Any:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/"),
+        "GNUPGHOME": str(gnupg_home),
+        "LC_ALL": "C",
+        "LANG": "C",
+    }
+    key = (str(shutil.which(binary)), str(gnupg_home), str(max_output), env["PATH"], env["HOME"])
+    with _HANDLES_LOCK:
+        raw = _HANDLES.get(key)
+        if raw is None or not gnupg_home.is_dir():  # a removed home is set up (and checked) anew
+            try:
+                raw = gnupg.GPG(
+                    gpgbinary=binary,
+                    gnupghome=str(gnupg_home),
+                    options=[*HARDENING_OPTIONS, "--max-output", str(max_output)],
+                    env=env,
+                )
+            except (OSError, ValueError) as exc:
+                raise GpgError(
+                    f"cannot run gpg with home {gnupg_home}: {exc}",
+                    hint=f"check that {gnupg_home} exists and is yours (mode 0700)",
+                ) from exc
+            raw.encoding = "utf-8"
+            _HANDLES[key] = raw
+        return raw
+
+
 class Gpg:
-    """A python-gnupg handle bound to one GnuPG home with mailsh's hardening."""
+    """A python-gnupg handle bound to one GnuPG home with mailsh's hardening.
+
+    Set up once per process and home: later instances reuse the handle (no version probe).
+    """
 
     def __init__(self, gnupg_home: Path, *, binary: str = "gpg", max_output: int) -> None:
         if shutil.which(binary) is None:
@@ -47,26 +88,7 @@ class Gpg:
         self.home = gnupg_home
         self.binary = binary
         self.max_output = max_output
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": os.environ.get("HOME", "/"),
-            "GNUPGHOME": str(gnupg_home),
-            "LC_ALL": "C",
-            "LANG": "C",
-        }
-        try:
-            self.raw: Any = gnupg.GPG(
-                gpgbinary=binary,
-                gnupghome=str(gnupg_home),
-                options=[*HARDENING_OPTIONS, "--max-output", str(max_output)],
-                env=env,
-            )
-        except (OSError, ValueError) as exc:
-            raise GpgError(
-                f"cannot run gpg with home {gnupg_home}: {exc}",
-                hint=f"check that {gnupg_home} exists and is yours (mode 0700)",
-            ) from exc
-        self.raw.encoding = "utf-8"
+        self.raw: Any = _handle(binary, gnupg_home, max_output)
         version = tuple(self.raw.version or (0,))
         if version < MIN_GNUPG:
             raise DependencyError(

@@ -10,13 +10,15 @@ shown by ``mailsh status``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 from mailsh.errors import TransportError
 from mailsh.mailer import outbound_from_settings
+from mailsh.server.state import Outbound as QueuedReply
 from mailsh.server.state import StateDB, next_backoff
 from mailsh.settings import Settings
 from mailsh.transport import is_temporary
@@ -27,14 +29,40 @@ Mailer = Callable[[str, str, bytes], None]  # (mail_from, rcpt_to, message)
 MAX_PERMANENT_ATTEMPTS = 5
 
 
+class SettingsMailer:
+    """Replies leave the way the settings say (``--smtp`` or ``--sendmail``); a burst
+    of replies shares one SMTP connection (:meth:`session`)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.outbound = outbound_from_settings(settings)
+
+    def __call__(self, mail_from: str, rcpt_to: str, message: bytes) -> None:
+        self.outbound.submit(mail_from=mail_from, rcpt_to=[rcpt_to], message=message)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Mailer]:
+        with self.outbound.session() as submit:
+
+            def send(mail_from: str, rcpt_to: str, message: bytes) -> None:
+                submit(mail_from=mail_from, rcpt_to=[rcpt_to], message=message)
+
+            yield send
+
+
 def mailer_from_settings(settings: Settings) -> Mailer:
     """Replies leave the way the settings say (``--smtp`` or ``--sendmail``)."""
-    outbound = outbound_from_settings(settings)
+    return SettingsMailer(settings)
 
-    def send(mail_from: str, rcpt_to: str, message: bytes) -> None:
-        outbound.submit(mail_from=mail_from, rcpt_to=[rcpt_to], message=message)
 
-    return send
+@contextlib.contextmanager
+def _burst(mailer: Mailer) -> Iterator[Mailer]:
+    """``mailer`` for several replies in a row: its session when it has one."""
+    session = getattr(mailer, "session", None)
+    if session is None:
+        yield mailer
+        return
+    with session() as send:
+        yield send
 
 
 class OutboundWorker:
@@ -52,15 +80,30 @@ class OutboundWorker:
         self._wake.set()
 
     def flush(self) -> int:
-        """Send everything due now; returns how many were sent."""
+        """Send everything due now; returns how many were sent.
+
+        One lease holds at most 100 replies, so lease again until a round sends nothing
+        (``serve --once`` after a burst of more than 100 requests must not exit with
+        replies still queued). Failed sends are rescheduled for later, so this ends.
+        """
         with self._flushing:
-            return self._flush()
+            total = 0
+            while sent := self._flush():
+                total += sent
+            return total
 
     def _flush(self) -> int:
+        items = self.state.lease_outbound(datetime.now(UTC))
+        if not items:
+            return 0
+        with _burst(self.mailer) as send:
+            return self._send(items, send)
+
+    def _send(self, items: list[QueuedReply], send: Mailer) -> int:
         sent = 0
-        for item in self.state.lease_outbound(datetime.now(UTC)):
+        for item in items:
             try:
-                self.mailer(item.from_addr, item.to_addr, item.message)
+                send(item.from_addr, item.to_addr, item.message)
             except TransportError as exc:
                 attempts = item.attempts + 1
                 temporary = is_temporary(exc)

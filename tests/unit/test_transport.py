@@ -16,10 +16,12 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from pydantic import SecretStr
 
+from mailsh import transport
 from mailsh.addresses import InvalidAddressError, validate_address
 from mailsh.errors import TransportError, UsageError
 from mailsh.transport import (
     SmtpOptions,
+    SmtpSession,
     SmtpTarget,
     TransportTempError,
     is_temporary,
@@ -54,6 +56,7 @@ class Recorder:
     """aiosmtpd handler keeping every accepted envelope; can refuse on demand."""
 
     envelopes: list[tuple[str, list[str], bytes]] = field(default_factory=list)
+    peers: list[object] = field(default_factory=list)  # the connection of each envelope
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     data_reply: str | None = None
 
@@ -74,6 +77,7 @@ class Recorder:
         assert sender is not None
         assert isinstance(content, bytes)
         self.envelopes.append((sender, list(envelope.rcpt_tos), content))
+        self.peers.append(session.peer)
         return "250 OK"
 
 
@@ -261,6 +265,51 @@ def test_line_ending_helpers() -> None:
 def test_plain_send_arrives_byte_exact(make_server: Any) -> None:
     server = make_server()
     send_smtp(server.url(), OPTS, mail_from=FROM, rcpt_to=[TO], message=MESSAGE)
+    assert server.recorder.envelopes == [(FROM, [TO], MESSAGE)]
+
+
+def test_plain_smtp_does_not_load_the_system_ca_store(make_server: Any) -> None:
+    # Loading it cost tens of ms per `mailsh send` and per reply (docs/performance.md);
+    # plain SMTP on loopback never needs it.
+    transport._system_tls_context.cache_clear()
+    server = make_server()
+    send_smtp(server.url(), OPTS, mail_from=FROM, rcpt_to=[TO], message=MESSAGE)
+    send_smtp(server.url(), OPTS, mail_from=FROM, rcpt_to=[TO], message=MESSAGE)
+    assert server.recorder.envelopes == [(FROM, [TO], MESSAGE)] * 2
+    assert transport._system_tls_context.cache_info().currsize == 0
+
+
+def test_session_sends_a_burst_over_one_connection(make_server: Any) -> None:
+    server = make_server()
+    with SmtpSession(server.url(), OPTS) as session:
+        for _ in range(3):
+            session.send(mail_from=FROM, rcpt_to=[TO], message=MESSAGE)
+    assert server.recorder.envelopes == [(FROM, [TO], MESSAGE)] * 3
+    assert len(set(server.recorder.peers)) == 1
+
+
+def test_session_reconnects_when_the_connection_died(make_server: Any) -> None:
+    server = make_server()
+    with SmtpSession(server.url(), OPTS) as session:
+        session.send(mail_from=FROM, rcpt_to=[TO], message=MESSAGE)
+        assert session._client is not None
+        assert session._client.sock is not None
+        session._client.sock.shutdown(socket.SHUT_RDWR)  # gone (server timeout, reset)
+        session.send(mail_from=FROM, rcpt_to=[TO], message=MESSAGE)
+    assert server.recorder.envelopes == [(FROM, [TO], MESSAGE)] * 2
+    assert len(set(server.recorder.peers)) == 2
+
+
+def test_session_failure_drops_the_connection_and_the_next_message_goes(
+    make_server: Any,
+) -> None:
+    server = make_server()
+    server.recorder.rcpt_replies["bad@mailsh.test"] = "550 no such user"
+    with SmtpSession(server.url(), OPTS) as session:
+        with pytest.raises(TransportError):
+            session.send(mail_from=FROM, rcpt_to=["bad@mailsh.test"], message=MESSAGE)
+        assert session._client is None
+        session.send(mail_from=FROM, rcpt_to=[TO], message=MESSAGE)
     assert server.recorder.envelopes == [(FROM, [TO], MESSAGE)]
 
 

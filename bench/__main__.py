@@ -1,0 +1,5 @@
+"""``python -m bench``: what ``./dev bench`` runs."""
+
+from bench.run import main
+
+main()
