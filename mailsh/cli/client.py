@@ -196,6 +196,11 @@ def send(
     Prints the request id (one line on stdout) for `mailsh wait-reply ID`. With --wait,
     waits for the reply instead and behaves like `ssh host COMMAND`: the remote stdout
     and stderr, byte for byte, and the remote exit status.
+
+    Everything is checked before the request leaves (key, trust, transport, reply
+    mailbox): a failure then means nothing was sent. If the request may have left (the
+    connection broke during the hand-off), mailsh says so and prints the request id
+    with the `mailsh wait-reply ID` to run: never just send it again.
     """
     from mailsh.client.send import prepare_request, read_stdin_arg, submit_request
 
