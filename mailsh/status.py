@@ -3,8 +3,9 @@
 Each section is built by one function of :data:`SECTIONS` from a :class:`StatusContext`
 and returns a :class:`Section` (or None where it does not apply: a client home has no
 queue). ``--json`` prints ``{"format": "mailsh.status.v1", "home": ..., KEY: DATA, ...}``
-with each section's ``key`` and ``data``; on a terminal each section is a heading and
-either ``label  value`` lines or a table. The JSON schema is documented in
+with each section's ``key`` and ``data``; on a terminal (``mailsh.cli.render``) each
+section is a heading and either ``label  value`` lines or a table. This module builds
+data only: it imports no rich. The JSON schema is documented in
 docs/server.md ("mailsh status"); a new section is one more function appended to
 :data:`SECTIONS` and one more row in that table. Keys and fields are only ever added.
 """
@@ -20,9 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from rich.console import Console
-    from rich.text import Text
-
     from mailsh.keys.identity import Identity
     from mailsh.server.state import StateDB
     from mailsh.settings import Settings
@@ -94,7 +92,8 @@ def _when(value: datetime | None) -> str | None:
     return None if value is None else value.astimezone(UTC).isoformat(timespec="seconds")
 
 
-def _human_time(iso: str | None) -> str:
+def human_time(iso: str | None) -> str:
+    """An ISO 8601 UTC time as people read it (``2026-01-02 03:04:05Z``); ``-`` if None."""
     return "-" if iso is None else iso.replace("T", " ").replace("+00:00", "Z")
 
 
@@ -146,7 +145,7 @@ def serve_section(ctx: StatusContext) -> Section | None:
         rows = [("running", "no")]
     else:
         rows = [
-            ("running", f"yes, pid {p.pid} on {p.host} since {_human_time(p.started_at)}")
+            ("running", f"yes, pid {p.pid} on {p.host} since {human_time(p.started_at)}")
             for p in procs
         ]
         rows += [("sources", ", ".join(p.sources) or "-") for p in procs[:1]]
@@ -178,7 +177,7 @@ def queue_section(ctx: StatusContext) -> Section | None:
     if data["outbound_failing"]:
         outbound += f", {data['outbound_failing']} after a failed attempt"
     if next_retry is not None:
-        outbound += f"; next attempt {_human_time(next_retry)}"
+        outbound += f"; next attempt {human_time(next_retry)}"
     rows = [
         ("received", f"{pending} in the spool, {data['received']} recorded not yet handled"),
         ("executing", str(data["executing"])),
@@ -406,46 +405,3 @@ def report_json(settings: Settings, sections: list[Section]) -> dict[str, JsonVa
     for section in sections:
         doc[section.key] = section.data
     return doc
-
-
-def _cell(value: object) -> Text:
-    """A table cell: never markup, never a control character (text may come from mail)."""
-    from rich.text import Text
-
-    if value is None:
-        return Text("-")
-    text = str(value)
-    if len(text) >= 20 and text[:4].isdigit() and "T" in text[:11]:
-        text = _human_time(text)
-    return Text("".join(ch if ch.isprintable() else "?" for ch in text))
-
-
-def render(console: Console, sections: list[Section]) -> None:
-    """Print ``sections`` for a person: a heading each, then rows or a table."""
-    from rich.padding import Padding
-    from rich.table import Table
-
-    for index, section in enumerate(sections):
-        if index:
-            console.print()
-        console.print(section.title, style="bold", markup=False, highlight=False)
-        if section.rows is not None:
-            grid = Table.grid(padding=(0, 2))
-            grid.add_column(style="dim", no_wrap=True)
-            grid.add_column(overflow="fold")
-            for label, value in section.rows:
-                grid.add_row(label, _cell(value))
-            console.print(Padding(grid, (0, 0, 0, 2), expand=False))
-        elif not section.data:
-            console.print(f"  {section.empty}", markup=False, highlight=False)
-        else:
-            table = Table(box=None, padding=(0, 2, 0, 0), pad_edge=False, show_edge=False)
-            for key, heading in section.columns:
-                table.add_column(
-                    heading, overflow="fold", no_wrap=key not in section.wrap, header_style="dim"
-                )
-            for item in section.data:
-                table.add_row(*(_cell(item.get(key)) for key, _ in section.columns))
-            console.print(Padding(table, (0, 0, 0, 2), expand=False))
-        if section.note:
-            console.print(f"  {section.note}", style="dim", markup=False, highlight=False)

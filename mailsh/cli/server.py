@@ -372,7 +372,8 @@ def status(
     """
     import json
 
-    from mailsh.status import build_report, render, report_json
+    from mailsh.cli.render import render
+    from mailsh.status import build_report, report_json
 
     settings = settings_from()
     if not _has_anything(settings):

@@ -2,7 +2,7 @@
 
 The mailbox is only ever read: nothing is moved, flagged or deleted, and a message that
 is not the reply stays where it is. Waiting does not busy-poll: a
-:class:`~mailsh.server.watch.Watcher` (inotify, stat polling as fallback) wakes us when
+:class:`~mailsh.mail.watch.Watcher` (inotify, stat polling as fallback) wakes us when
 the mailbox may have changed, and only then is it scanned again. Over IMAP the mailbox is
 opened with EXAMINE and read with ``BODY.PEEK[]`` (:class:`~mailsh.client.imap.ImapWatcher`),
 and IDLE (NOOP polling where the server has none) does the waking.
@@ -49,8 +49,8 @@ if TYPE_CHECKING:
     from mailsh.client.pending import MboxMark, PendingRequest
     from mailsh.keys.gpg import Gpg
     from mailsh.keys.trust import TrustStore
+    from mailsh.mail.watch import Watcher
     from mailsh.protocol import Notice, Reply
-    from mailsh.server.watch import Watcher
     from mailsh.settings import Settings
 
 MAILDIR_SLACK = timedelta(hours=1)
@@ -91,7 +91,7 @@ class MboxSource:
     """New complete messages of an mbox file, read with :func:`scan_mbox`."""
 
     def __init__(self, path: Path, *, start: int = 0, poll_interval: float = POLL_INTERVAL):
-        from mailsh.server.watch import Watcher
+        from mailsh.mail.watch import Watcher
 
         self.path = path
         self.description = f"mbox {path}"
@@ -100,7 +100,7 @@ class MboxSource:
         self._watcher: Watcher = Watcher([path], poll_interval=poll_interval)
 
     def scan(self) -> list[bytes]:
-        from mailsh.server.mbox import scan_mbox
+        from mailsh.mail.mbox import scan_mbox
 
         messages, self.offset = scan_mbox(self.path, self.offset)
         return messages
@@ -122,7 +122,7 @@ class MaildirSource:
         not_before: datetime | None = None,
         poll_interval: float = POLL_INTERVAL,
     ) -> None:
-        from mailsh.server.watch import Watcher
+        from mailsh.mail.watch import Watcher
 
         self.path = path
         self.description = f"Maildir {path}"
@@ -152,7 +152,7 @@ class MaildirSource:
                     continue
 
     def scan(self) -> list[bytes]:
-        from mailsh.server.maildir import scan_maildir
+        from mailsh.mail.maildir import scan_maildir
 
         self._skip_old()
         found = scan_maildir(self.path, self.seen)

@@ -32,6 +32,7 @@ from types import FrameType
 from mailsh.errors import ConfigError, DependencyError
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.identity import require_identity
+from mailsh.mail.watch import Watcher
 from mailsh.server.cgroup import Containment
 from mailsh.server.diskspace import SpaceGuard
 from mailsh.server.maildir import MaildirIntake
@@ -41,7 +42,6 @@ from mailsh.server.processor import Processor, ServerIdentity
 from mailsh.server.retention import Pruner
 from mailsh.server.spool import Spool, SpooledMessage
 from mailsh.server.state import MessageState, StateDB
-from mailsh.server.watch import Watcher
 from mailsh.settings import Settings, check_serve_home
 
 log = logging.getLogger("mailsh.server")

@@ -1,4 +1,7 @@
-"""Reading a Maildir: server intake (moves mail) and a read-only client scanner.
+"""Server intake from a Maildir: spool each message, then move it to ``cur/``.
+
+The read-only pieces (listing, reading, the message key, the client's ``scan_maildir``)
+are in :mod:`mailsh.mail.maildir`.
 
 Server intake, ``MaildirIntake.collect`` (docs/security.md P9): for each file in ``new/``
 (dotfiles and ``tmp/`` ignored), copy it into the spool with ``Spool.put_stream``, which
@@ -13,20 +16,17 @@ opened and renamed through directory descriptors without following links
 (``intake_files``, P13): a message that is a symlink, not a regular file or owned by
 another user is left alone with a warning; a Maildir whose ``new/`` or ``cur/`` is a
 link or another user's is refused as a whole.
-
-Client side, ``scan_maildir`` never moves, renames or removes anything.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 from mailsh.errors import TransportError
+from mailsh.mail.maildir import message_key, read_chunks, visible_names
 from mailsh.server.intake_files import (
     MailboxRefusedError,
     RefusalRecord,
@@ -38,49 +38,7 @@ from mailsh.server.spool import Spool, SpooledMessage
 
 log = logging.getLogger(__name__)
 
-_BLOCK = 1 << 20
 _NAME_MAX = 255  # bytes in one file name (Linux NAME_MAX)
-
-
-def _names(directory: Path | int, shown: Path | None = None) -> list[str]:
-    """Visible entries of ``directory`` (a path or a descriptor) in name order ([] if it
-    does not exist)."""
-    try:
-        return sorted(n for n in os.listdir(directory) if not n.startswith("."))
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        raise TransportError(f"cannot list {shown or directory}: {exc.strerror}") from exc
-
-
-def _open_regular(path: Path) -> int | None:
-    """Open a regular file read-only without following symlinks (O_NONBLOCK so a FIFO
-    cannot hang us); None if it is gone (taken by another reader) or is not a regular
-    file (warned)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            log.warning("ignoring symlink %s in Maildir", path)
-            return None
-        raise TransportError(f"cannot open {path}: {exc.strerror}") from exc
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        log.warning("ignoring non-regular file %s in Maildir", path)
-        return None
-    return fd
-
-
-def _chunks(fd: int) -> Iterator[bytes]:
-    while chunk := os.read(fd, _BLOCK):
-        yield chunk
-
-
-def _key(name: str) -> str:
-    """A Maildir file's unique name without its ``:2,FLAGS`` info part."""
-    return name.split(":", 1)[0]
 
 
 class MaildirIntake:
@@ -135,7 +93,7 @@ class MaildirIntake:
         new_fd = self._subdir(top, fds, "new", owners)
         if new_fd is None:
             return []
-        names = _names(new_fd, self.path / "new")
+        names = visible_names(new_fd, self.path / "new")
         if not names:
             return []
         cur_fd = self._subdir(top, fds, "cur", owners)
@@ -157,12 +115,13 @@ class MaildirIntake:
                 if fd is None:
                     continue
                 try:
-                    msg = self.spool.put_stream(_chunks(fd), source=self.source)
+                    msg = self.spool.put_stream(read_chunks(fd), source=self.source)
                 finally:
                     os.close(fd)
                 spooled.append(msg)
                 try:
-                    os.rename(name, f"{_key(name)}:2,S", src_dir_fd=new_fd, dst_dir_fd=cur_fd)
+                    moved = f"{message_key(name)}:2,S"
+                    os.rename(name, moved, src_dir_fd=new_fd, dst_dir_fd=cur_fd)
                 except FileNotFoundError:
                     log.warning("%s vanished after spooling (taken by another reader?)", name)
                 except OSError as exc:
@@ -187,7 +146,7 @@ class MaildirIntake:
         warned once each)."""
         shown = self.path / "new" / name
         try:
-            if len(f"{_key(name)}:2,S".encode(errors="surrogateescape")) > _NAME_MAX:
+            if len(f"{message_key(name)}:2,S".encode(errors="surrogateescape")) > _NAME_MAX:
                 # It could never be moved to cur/: spooling it would repeat forever.
                 raise MailboxRefusedError(f"{shown}: name too long to move to cur/")
             fd = open_below(new_fd, name, shown, flags=os.O_RDONLY, want=stat.S_IFREG)
@@ -203,29 +162,3 @@ class MaildirIntake:
                 log.warning("ignoring %s", exc.message)
             return None
         return fd
-
-
-def scan_maildir(path: Path, seen: set[str]) -> list[tuple[str, bytes]]:
-    """Messages in ``new/`` and ``cur/`` whose key is not in ``seen``, in key order.
-
-    The key is the file name without the ``:2,FLAGS`` info part, so it stays the same
-    when a mail program moves the file from ``new/`` to ``cur/``. Read-only: nothing is
-    moved or flagged, and ``seen`` is not changed (the caller adds the keys it handled).
-    A file that moves while we look is simply found again by the next scan.
-    """
-    found: dict[str, Path] = {}
-    for sub in ("new", "cur"):
-        for name in _names(path / sub):
-            key = _key(name)
-            if key not in seen:
-                found.setdefault(key, path / sub / name)
-    out: list[tuple[str, bytes]] = []
-    for key in sorted(found):
-        fd = _open_regular(found[key])
-        if fd is None:
-            continue
-        try:
-            out.append((key, b"".join(_chunks(fd))))
-        finally:
-            os.close(fd)
-    return out

@@ -1,10 +1,7 @@
-"""Reading an mbox that Postfix local(8) appends to (server intake) or that the client reads.
+"""Server intake from an mbox that Postfix local(8) appends to: spool, then empty it.
 
-Format (mboxo, as Postfix writes it): each message starts with a ``From `` separator line
-at the start of the file or after a blank line, body lines that start with ``From `` are
-quoted as ``>From `` (not reversible, so we never unquote), and a blank line ends each
-message. A message's bytes here are what lies between its separator line and the next
-separator, without the separator line and without that trailing blank line.
+The format, the message splitting and the fcntl lock helper are in
+:mod:`mailsh.mail.mbox`, which the client's read-only ``scan_mbox`` shares.
 
 Server intake, ``MboxIntake.collect`` (docs/security.md P9, P13):
 
@@ -30,8 +27,6 @@ opened relative to a descriptor of that directory, without following a symlink a
 without blocking; an mbox or dotlock that is a symlink, a FIFO or any other non-regular
 file, or an mbox with a second hard link, is refused and left untouched (P13, see
 ``intake_files``).
-
-Client side, ``scan_mbox`` only ever opens the file read-only and takes a shared lock.
 """
 
 from __future__ import annotations
@@ -44,11 +39,10 @@ import re
 import socket
 import stat
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from mailsh.errors import TransportError
+from mailsh.mail.mbox import Span, lockf, read_span, spans
 from mailsh.server.intake_files import (
     MailboxRefusedError,
     RefusalRecord,
@@ -62,102 +56,7 @@ log = logging.getLogger(__name__)
 
 #: A dotlock older than this is stale (Postfix's ``stale_lock_time`` default), seconds.
 STALE_LOCK_SECONDS = 500.0
-_BLOCK = 1 << 20
-_SEP = b"\n\nFrom "
-_LOCK_BUSY = (errno.EAGAIN, errno.EACCES)
 _LOCK_TAG_RE = re.compile(rb"mailsh (\d+) (\S+)\n")
-
-
-@dataclass(frozen=True)
-class _Span:
-    """One message inside ``[region start, region end)`` of an open mbox."""
-
-    start: int  # first byte of the message (after its separator line)
-    end: int  # one past its last byte (trailing blank line excluded)
-    stop: int  # where the next message's separator starts (or the region end)
-    complete: bool  # followed by a separator, or the region ends with a blank line
-
-
-def _pread(fd: int, start: int, end: int) -> Iterator[bytes]:
-    """Yield ``[start, end)`` of ``fd`` in blocks; fail if the file shrank under us."""
-    pos = start
-    while pos < end:
-        chunk = os.pread(fd, min(_BLOCK, end - pos), pos)
-        if not chunk:
-            raise TransportError(f"mailbox shrank while locked (at byte {pos})")
-        pos += len(chunk)
-        yield chunk
-
-
-def _separators(fd: int, start: int, end: int) -> list[int]:
-    """Offsets in ``[start, end)`` where a separator line begins.
-
-    ``start`` counts as the beginning of a file: a ``From `` there is a separator.
-    """
-    found = [start] if end - start >= 5 and os.pread(fd, 5, start) == b"From " else []
-    pos = start
-    while pos < end:
-        n = min(_BLOCK, end - pos)
-        buf = os.pread(fd, min(n + len(_SEP) - 1, end - pos), pos)
-        i = buf.find(_SEP)
-        while 0 <= i < n:
-            found.append(pos + i + 2)
-            i = buf.find(_SEP, i + 1)
-        pos += n
-    return found
-
-
-def _line_end(fd: int, pos: int, limit: int) -> int:
-    """Offset just after the newline that ends the line at ``pos`` (or ``limit``)."""
-    while pos < limit:
-        buf = os.pread(fd, min(4096, limit - pos), pos)
-        if not buf:
-            break
-        i = buf.find(b"\n")
-        if i >= 0:
-            return pos + i + 1
-        pos += len(buf)
-    return limit
-
-
-def _spans(fd: int, start: int, end: int) -> list[_Span]:
-    """Split ``[start, end)`` of an mbox into messages, reading it in bounded blocks."""
-    if end <= start:
-        return []
-    seps = _separators(fd, start, end)
-    ends_blank = end - start >= 2 and os.pread(fd, 2, end - 2) == b"\n\n"
-    spans: list[_Span] = []
-    if not seps or seps[0] != start:
-        # Bytes before the first separator: not mbox as Postfix writes it. Keep them
-        # (never lose) unless they are only blank lines.
-        stop = seps[0] if seps else end
-        lead_end = stop - 1 if seps else (end - 1 if ends_blank else end)
-        blank = lead_end - start <= 64 and not os.pread(fd, lead_end - start, start).strip()
-        if not blank:
-            log.warning("mailbox has %d bytes before its first From line", stop - start)
-            spans.append(_Span(start, lead_end, stop, bool(seps) or ends_blank))
-    for i, sep in enumerate(seps):
-        body = _line_end(fd, sep, end)
-        if i + 1 < len(seps):
-            stop = seps[i + 1]
-            spans.append(_Span(body, max(body, stop - 1), stop, True))
-        else:
-            spans.append(_Span(body, max(body, end - 1 if ends_blank else end), end, ends_blank))
-    return spans
-
-
-def _lockf(fd: int, how: int, attempts: int, interval: float) -> bool:
-    """Take an fcntl (POSIX) lock, retried like Postfix; False if it stayed busy."""
-    for attempt in range(max(1, attempts)):
-        try:
-            fcntl.lockf(fd, how | fcntl.LOCK_NB)
-            return True
-        except OSError as exc:
-            if exc.errno not in _LOCK_BUSY:
-                raise TransportError(f"cannot lock mailbox: {exc.strerror}") from exc
-        if attempt + 1 < attempts:
-            time.sleep(interval)
-    return False
 
 
 def _names_dead_mailsh(content: bytes) -> bool:
@@ -337,7 +236,7 @@ class MboxIntake:
             return []
         try:  # closing fd (the only descriptor we opened) is what releases the lockf lock
             _check_mbox(os.fstat(fd), self.path)
-            if not _lockf(fd, fcntl.LOCK_EX, self.lock_attempts, self.lock_interval):
+            if not lockf(fd, fcntl.LOCK_EX, self.lock_attempts, self.lock_interval):
                 raise TransportError(
                     f"mailbox {self.path} stayed locked (fcntl)",
                     hint="another program keeps the mailbox locked; it will be retried",
@@ -353,7 +252,7 @@ class MboxIntake:
             while (size := os.fstat(fd).st_size) != done:
                 if size < done:
                     raise TransportError(f"mailbox {self.path} shrank while locked")
-                for span in _spans(fd, done, size):
+                for span in spans(fd, done, size):
                     if span.end > span.start:
                         spooled.append(self._spool(fd, span))
                 if done:
@@ -374,7 +273,7 @@ class MboxIntake:
             log.info("collected %d message(s) from %s", len(spooled), self.path)
         return spooled
 
-    def _spool(self, fd: int, span: _Span) -> SpooledMessage:
+    def _spool(self, fd: int, span: Span) -> SpooledMessage:
         size = span.end - span.start
         if self.max_message_bytes is not None and size > self.max_message_bytes:
             log.warning(
@@ -383,61 +282,4 @@ class MboxIntake:
                 self.path,
                 self.max_message_bytes,
             )
-        return self.spool.put_stream(_pread(fd, span.start, span.end), source=self.source)
-
-
-def _resumable(fd: int, offset: int, size: int) -> bool:
-    """True if ``offset`` is where a previous scan of this same file stopped."""
-    if offset == 0:
-        return True
-    if offset > size or offset < 2 or os.pread(fd, 2, offset - 2) != b"\n\n":
-        return False
-    return offset == size or os.pread(fd, 5, offset) == b"From "
-
-
-def scan_mbox(
-    path: Path, offset: int = 0, *, lock_attempts: int = 10, lock_interval: float = 0.2
-) -> tuple[list[bytes], int]:
-    """Complete messages at or after ``offset`` in a mailbox, and the offset to resume at.
-
-    Read-only: the file is opened O_RDONLY and only a shared ``lockf`` is taken while
-    reading (a locking writer such as Postfix waits for it). It never modifies, moves or
-    removes anything.
-
-    A message is returned only when it is complete: followed by the next separator, or
-    at the end of a file that ends with the blank line Postfix adds after each message.
-    So a message being written without locks, or a truncated tail, is returned only
-    once it is finished (a truncated tail: once the next message arrives).
-
-    ``offset`` must be a value this function returned for the same file. If the file
-    shrank, or was replaced/rewritten so that ``offset`` is no longer a message boundary
-    of it, scanning restarts at 0: old messages are returned again, so callers must
-    tolerate duplicates. A missing file gives ``([], 0)``. If the lock stays busy,
-    nothing is returned and ``offset`` is unchanged (try again after the next change).
-    """
-    try:  # O_NONBLOCK: a FIFO at the path must not hang the client
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return [], 0
-    except OSError as exc:
-        raise TransportError(f"cannot open {path}: {exc.strerror}") from exc
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise TransportError(f"{path} is not a regular file", hint="give the path of an mbox")
-        if not _lockf(fd, fcntl.LOCK_SH, lock_attempts, lock_interval):
-            log.info("mailbox %s is locked; will look again later", path)
-            return [], offset
-        size = os.fstat(fd).st_size
-        if not _resumable(fd, offset, size):
-            log.info("mailbox %s changed under us; rescanning from the start", path)
-            offset = 0
-        messages: list[bytes] = []
-        for span in _spans(fd, offset, size):
-            if not span.complete:
-                break
-            if span.end > span.start:
-                messages.append(b"".join(_pread(fd, span.start, span.end)))
-            offset = span.stop
-        return messages, offset
-    finally:
-        os.close(fd)
+        return self.spool.put_stream(read_span(fd, span.start, span.end), source=self.source)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from mailsh.errors import TransportError
-from mailsh.server.maildir import MaildirIntake, scan_maildir
+from mailsh.mail.maildir import scan_maildir
+from mailsh.server.maildir import MaildirIntake
 from mailsh.server.spool import Spool, SpooledMessage
 
 

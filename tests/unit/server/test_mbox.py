@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from mailsh.errors import TransportError
-from mailsh.server.mbox import MboxIntake, scan_mbox
+from mailsh.mail.mbox import scan_mbox
+from mailsh.server.mbox import MboxIntake
 from mailsh.server.spool import Spool, SpooledMessage
 
 SEP = b"From sender@example.org  Mon Jan  1 00:00:00 2024\n"

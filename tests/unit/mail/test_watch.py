@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-import mailsh.server.watch as watch_mod
+import mailsh.mail.watch as watch_mod
+from mailsh.mail.watch import Watcher
 from mailsh.server.mbox import MboxIntake
 from mailsh.server.spool import Spool
-from mailsh.server.watch import Watcher
 
 MakeWatcher = Callable[..., Watcher]
 SEP = b"From sender@example.org  Mon Jan  1 00:00:00 2024\n"

@@ -1,0 +1,6 @@
+"""Neutral mail plumbing that both the client and the server use (docs/architecture.md).
+
+Read-only scanning of an mbox or a Maildir and waking up when one changes. Nothing here
+moves, truncates or deletes mail: the server's destructive intake lives in
+:mod:`mailsh.server` and builds on these pieces.
+"""
