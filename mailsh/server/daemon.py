@@ -23,6 +23,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
@@ -184,6 +185,7 @@ class Server:
         self.abandoned = 0  # commands still running when shutdown gave up on them
         self._last_sweep = 0.0
         self._backlogged = False  # the last dispatch left work for busy workers
+        self._queue: deque[SpooledMessage] = deque()  # listed, not yet dispatched
         self.loop_errors = 0  # main-loop iterations that failed and were retried
         self.containment: Containment | None = None  # chosen when run() starts
 
@@ -272,11 +274,23 @@ class Server:
             )
 
     def _run_once(self) -> None:
-        """``--once``: process everything pending, then return; any error ends the run."""
+        """``--once``: process everything pending, then return; any error ends the run.
+
+        Workers take messages as they free up (no barrier between batches), and the
+        replies are sent once at the end.
+        """
         while not self._stop.is_set():
-            self.collect()
+            if not self._backlogged:
+                self.collect()
             started = self.dispatch()
-            self.drain()
+            running = [f for f in self._inflight.values() if not f.done()]
+            if running:
+                futures_wait(running, return_when=FIRST_COMPLETED)
+            for fut in [f for f in self._inflight.values() if f.done()]:
+                fut.result()  # a failure of the worker itself ends the run
+            self.reap()
+            if self._inflight or self._backlogged:
+                continue
             self.collect()
             left = self.spool.pending()
             if not left:
@@ -284,6 +298,7 @@ class Server:
             if not started:  # the rest is locked by another serve process
                 log.info("leaving %d message(s) to another serve process", len(left))
                 break
+        self.outbound.flush()
 
     def _serve(self, watcher: Watcher) -> None:
         """The main loop. It survives errors of the system (P11): EMFILE from a flood of
@@ -294,7 +309,8 @@ class Server:
         backoff = 0.0
         while not self._stop.is_set():
             try:
-                self.collect()
+                if not self._backlogged:  # mail already spooled waits for a worker first
+                    self.collect()
                 self.dispatch()
                 self.wait_for_work(watcher)
                 self.reap()
@@ -325,22 +341,26 @@ class Server:
 
         A message is locked only when a worker is free to take it at once: a lock held
         while queued behind a long command would keep another serve process sharing the
-        home (and idle) from taking it.
+        home (and idle) from taking it. The spool is listed again only when the messages
+        of its last listing are used up, so draining N messages costs N, not N squared.
         """
         self.reap()
         free = self.settings.workers - len(self._inflight)
         started = 0
-        self._backlogged = False
-        for msg in self.spool.pending():
-            if msg.id in self._inflight:
+        listed = False
+        while started < free:
+            if not self._queue:
+                if listed:
+                    break
+                self._queue.extend(m for m in self.spool.pending() if m.id not in self._inflight)
+                listed = True
                 continue
-            if started >= free:
-                self._backlogged = True  # more work waits for a worker of ours
-                break
-            if not self._lock(msg):
-                continue
+            msg = self._queue.popleft()
+            if msg.id in self._inflight or not self._lock(msg):
+                continue  # taken by another serve process, or already gone
             self._inflight[msg.id] = self._pool.submit(self._process, msg)
             started += 1
+        self._backlogged = bool(self._queue)  # more work waits for a worker of ours
         return started
 
     def wait_for_work(self, watcher: Watcher, timeout: float = 1.0) -> None:
@@ -386,12 +406,6 @@ class Server:
                 error = None if fut.cancelled() else fut.exception()
                 if error is not None:  # the spool still holds it: the next dispatch retries
                     log.error("message %s: processing failed: %s", mid, _describe(error))
-
-    def drain(self) -> None:
-        for fut in list(self._inflight.values()):
-            fut.result()
-        self.reap()
-        self.outbound.flush()
 
     def shutdown(self) -> None:
         running = [f for f in self._inflight.values() if not f.done()]
