@@ -38,7 +38,7 @@ from typing import Any
 
 from mailsh import envelope
 from mailsh.errors import MailshError, ProtocolError
-from mailsh.keys.capability import can_encrypt_to
+from mailsh.keys.capability import EncryptionCheck
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.trust import TrustStore, load_trust
 from mailsh.mailfmt import read_mail
@@ -113,6 +113,7 @@ class Processor:
         self.identity = identity
         self._notify = on_reply_queued
         self.workdir = settings.workdir or Path("/")
+        self._can_encrypt = EncryptionCheck(gpg)
         self.containment: Containment | None = None  # set by serve: cgroup or session kill
 
     # -- entry point ----------------------------------------------------------------
@@ -212,7 +213,7 @@ class Processor:
             )
         except ProtocolError as exc:
             return self._discard(msg, exc.reason, detail=exc.message)
-        if not can_encrypt_to(self.gpg, request.signer):
+        if not self._can_encrypt(request.signer):
             return self._reject(
                 msg,
                 trust,
