@@ -24,6 +24,10 @@ Every message ends in exactly one recorded state (docs/security.md P9):
 Replies go only to the address pinned with the authorizing key (P7), are signed by the
 server and encrypted to that key (P8); no decrypted byte of a failed message leaves.
 There is one place that builds an answer: :meth:`Processor._seal`.
+
+This module is over the ~400-line guide on purpose for now: every path that takes or ends
+a claim is here, so the exactly-once rules can be read in one place. Splitting it
+(verdicts; copies and claim settlement; sealing) is left to the redesign (issue 11).
 """
 
 from __future__ import annotations
