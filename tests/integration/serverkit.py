@@ -18,6 +18,7 @@ from typing import Any
 from aiosmtpd.controller import Controller
 
 from mailsh import envelope, protocol
+from mailsh.errors import ProtocolError
 from mailsh.keys.trust import add_trusted_key, load_trust
 from mailsh.protocol import Notice, Reply
 from mailsh.settings import Settings, load_settings
@@ -140,16 +141,10 @@ def open_reply(
     client: Home, server_home: Home, sealed: envelope.SealedRequest, raw: bytes
 ) -> Reply:
     """The outcome reply in ``raw`` (a notice raises: it is never an outcome)."""
-    return envelope.open_reply(
-        client.gpg,
-        raw,
-        trust=load_trust(client.settings.trust_file),
-        server_fingerprint=server_home.fingerprint,
-        request_id=sealed.request.request_id,
-        request_sha256=sealed.payload_sha256,
-        now=datetime.now(UTC),
-        max_bytes=50_000_000,
-    )
+    found = open_answer(client, server_home, sealed, raw)
+    if isinstance(found, Notice):
+        raise ProtocolError("not-an-outcome", "a notice about the request, not its reply")
+    return found
 
 
 def open_answer(
