@@ -26,12 +26,12 @@ from typing import Any
 from bench.context import Ctx
 from bench.core import Section, median
 from bench.roundtrip import COMMAND, send_argv
-from bench.world import CLIENTS_POLLED, SERVER, Home, Serve, Sink, free_port, polled, seal
-from mailsh import envelope, protocol
+from bench.world import CLIENTS_POLLED, SERVER, Home, Serve, Sink, free_port, polled, sealed_request
+from mailsh import protocol, seal
 from mailsh.keys.crypto import seal as pgp_seal
 from mailsh.keys.crypto import verify
 from mailsh.keys.trust import load_trust
-from mailsh.mailfmt import read_mail
+from mailsh.mail.message import read_mail
 
 CLIENT_IMPORTS = "import mailsh.cli, mailsh.settings, mailsh.client.send, mailsh.client.wait"
 
@@ -83,10 +83,10 @@ def _steps(ctx: Ctx, client: Home, server: Home, reply_mail: bytes) -> dict[str,
         return result
 
     for _ in range(runs):
-        sealed = timed("seal request (client)", lambda: seal(client, server, COMMAND))
+        sealed = timed("seal request (client)", lambda: sealed_request(client, server, COMMAND))
         timed(
             "decrypt+verify request (server)",
-            lambda s=sealed: envelope.open_request(
+            lambda s=sealed: seal.open_request(
                 server.gpg,
                 s.mail,
                 trust=trust_s,

@@ -18,9 +18,9 @@ import uuid
 
 from bench.context import Ctx
 from bench.core import RssSampler, Section
-from bench.world import SERVER, Home, Serve, Sink, seal, write_mbox
+from bench.world import SERVER, Home, Serve, Sink, sealed_request, write_mbox
 from mailsh import protocol
-from mailsh.mailfmt import build_request_mail
+from mailsh.mail.message import build_request_mail
 
 LIMIT_MB = 100.0
 
@@ -97,7 +97,9 @@ def run(ctx: Ctx, drain_peaks: dict[str, float] | None = None) -> Section:
     with Sink() as sink:
         ctx.say(f"memory: a command writing {sizes.stdout_bytes:,} bytes to stdout")
         command = f"head -c {sizes.stdout_bytes} /dev/zero"
-        peak = peak_once(ctx, server, "stdout", [seal(client, server, command).mail], sink)
+        peak = peak_once(
+            ctx, server, "stdout", [sealed_request(client, server, command).mail], sink
+        )
         sec.add(
             f"command writes {sizes.stdout_bytes / 1e6:,.0f} MB to stdout",
             peak / 1e6,

@@ -16,8 +16,8 @@ from datetime import UTC, datetime, timedelta
 
 from bench.context import Ctx
 from bench.core import Section, median
-from bench.world import SERVER, Home, Sink, run_once, seal, write_mbox
-from mailsh import envelope
+from bench.world import SERVER, Home, Sink, run_once, sealed_request, write_mbox
+from mailsh import seal
 from mailsh.keys.crypto import seal as pgp_seal
 from mailsh.keys.trust import load_trust
 
@@ -37,7 +37,7 @@ def floor(
     loop_started = time.perf_counter()
     for i in range(sizes.floor_requests):
         t0 = time.perf_counter()
-        envelope.open_request(
+        seal.open_request(
             server.gpg,
             mails[i % len(mails)],
             trust=trust,
@@ -67,7 +67,7 @@ def run(ctx: Ctx) -> Section:
     client, server = ctx.pair("ed25519")
     n = sizes.throughput_requests
     ctx.say(f"sealing {n} requests")
-    sealed = [seal(client, server, COMMAND) for _ in range(n)]
+    sealed = [sealed_request(client, server, COMMAND) for _ in range(n)]
     mails = [s.mail for s in sealed]
 
     floor_rate, parts = floor(ctx, client, server, mails)

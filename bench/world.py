@@ -25,7 +25,7 @@ from typing import Any
 from aiosmtpd.controller import Controller
 
 from bench.core import wait_until
-from mailsh import envelope, protocol
+from mailsh import protocol, seal
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.identity import Algo, export_public, generate
 from mailsh.keys.trust import add_trusted_key
@@ -119,7 +119,7 @@ def clone_home(src: Home, dst: Path) -> Path:
     return dst
 
 
-def seal(client: Home, server: Home, command: str, **fields: Any) -> envelope.SealedRequest:
+def sealed_request(client: Home, server: Home, command: str, **fields: Any) -> seal.SealedRequest:
     now = datetime.now(UTC)
     req = protocol.Request(
         request_id=protocol.new_request_id(),
@@ -130,7 +130,7 @@ def seal(client: Home, server: Home, command: str, **fields: Any) -> envelope.Se
         command=command,
         **fields,
     )
-    return envelope.seal_request(
+    return seal.seal_request(
         client.gpg,
         req,
         signer=client.fingerprint,

@@ -100,7 +100,7 @@ def _kill_agents(sides: list[_Side]) -> None:
 
 def _start_local_delivery(stack: ExitStack, maildir: Path) -> int:
     """The client's "mail server": SMTP on 127.0.0.1 delivering into a Maildir."""
-    from mailsh.server.smtp_listener import SmtpListener
+    from mailsh.server.intake.smtp import SmtpListener
     from mailsh.server.spool import Spool
 
     (maildir / "cur").mkdir(parents=True)
@@ -241,8 +241,8 @@ def run_demo(
     wired as a playground (:class:`Playground`)."""
     from mailsh.client.send import send_request
     from mailsh.client.wait import await_reply
-    from mailsh.mailer import Outbound
-    from mailsh.transport import parse_smtp_url
+    from mailsh.mail.mailer import Outbound
+    from mailsh.mail.transport import parse_smtp_url
 
     steps: list[tuple[str, float]] = []
 

@@ -253,7 +253,7 @@ def refused_section(ctx: StatusContext) -> Section | None:
     """Mailboxes intake refused to read (a link or special file planted beside them)."""
     if not ctx.is_server:
         return None
-    from mailsh.server.intake_files import read_refusals
+    from mailsh.server.intake.files import read_refusals
 
     data = [
         {"mailbox": r.mailbox, "reason": r.reason, "since": r.since}

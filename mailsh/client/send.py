@@ -1,6 +1,6 @@
 """Sending one request: build, sign (and encrypt), record as pending, submit.
 
-The request is sealed only through :func:`mailsh.envelope.seal_request`. The server it
+The request is sealed only through :func:`mailsh.seal.seal_request`. The server it
 is for is found in this home's trust store by its address
 (:meth:`~mailsh.keys.trust.TrustStore.for_address`): that key's fingerprint is bound
 into the signed request (``audience.fingerprint``, docs/security.md P6) and the request is
@@ -31,14 +31,14 @@ from pydantic import ValidationError
 
 from mailsh.client.pending import MboxMark, PendingRequest, PendingStore
 from mailsh.errors import ConfigError, MailshError, TrustError, UsageError
-from mailsh.mailer import Outbound, outbound_from_settings
+from mailsh.mail.mailer import Outbound, outbound_from_settings
 
 if TYPE_CHECKING:
     from mailsh.client.wait import ReplyMailbox
-    from mailsh.envelope import SealedRequest
     from mailsh.keys.gpg import Gpg
     from mailsh.keys.trust import TrustedKey, TrustStore
     from mailsh.protocol import Request
+    from mailsh.seal import SealedRequest
     from mailsh.settings import Settings
 
 MARK_TAIL_BYTES = 4096
@@ -210,9 +210,9 @@ def prepare_request(
     """
     from mailsh.addresses import validate_address
     from mailsh.client.wait import choose_mailbox
-    from mailsh.envelope import seal_request
     from mailsh.keys.identity import require_identity
     from mailsh.keys.trust import load_trust
+    from mailsh.seal import seal_request
 
     warnings: list[str] = []
 
@@ -304,7 +304,7 @@ def submit_request(settings: Settings, prepared: PreparedRequest) -> SentRequest
     while the message was going out, sendmail was killed, an interrupt), the record is
     kept and :class:`MaybeSentError` says so, with the command to wait for the reply.
     """
-    from mailsh.transport import HandoffUnknownError
+    from mailsh.mail.transport import HandoffUnknownError
 
     rid = prepared.request_id
     store = PendingStore(settings.home)

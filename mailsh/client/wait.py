@@ -8,7 +8,7 @@ opened with EXAMINE and read with ``BODY.PEEK[]`` (:class:`~mailsh.client.imap.I
 and IDLE (NOOP polling where the server has none) does the waking.
 
 Each new message is first checked cheaply (does it look like a mailsh reply to this
-request id?), and only such candidates go to :func:`mailsh.envelope.open_reply`, which
+request id?), and only such candidates go to :func:`mailsh.seal.open_reply`, which
 accepts a reply only when it is signed by the pinned server key of the request, decrypts
 cleanly, and answers exactly this request id and payload hash. Every other candidate is
 ignored and its reason remembered, so a timeout can say "only invalid replies arrived".
@@ -409,9 +409,9 @@ class ReplyMatcher:
         the request (docs/protocol.md section 9) is noted in :attr:`notices` and passed
         to ``on_notice``, but is never the reply: the wait goes on for the outcome.
         """
-        from mailsh.envelope import open_answer
         from mailsh.errors import GpgError, ProtocolError
         from mailsh.protocol import Notice
+        from mailsh.seal import open_answer
 
         if not looks_like_reply(raw, self.record.request_id):
             return None

@@ -4,7 +4,7 @@ Maildir needs no locks: delivery agents write in ``tmp/`` and rename into ``new/
 every file in ``new/`` is complete. A message's key is its file name without the
 ``:2,FLAGS`` info part (``message_key``), so it stays the same when a mail program moves
 the file from ``new/`` to ``cur/``. ``scan_maildir`` never moves, renames or removes
-anything; the server's intake (``mailsh.server.maildir``) is the part that moves mail.
+anything; the server's intake (``mailsh.server.intake.maildir``) is the part that moves mail.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ separator line and without that trailing blank line.
 
 ``spans`` splits a region of an open mbox into messages and ``read_span`` reads one, in
 bounded blocks; ``lockf`` takes an fcntl (POSIX) lock retried like Postfix. The server's
-intake (``mailsh.server.mbox``) uses them under its exclusive locks; ``scan_mbox``, the
+intake (``mailsh.server.intake.mbox``) uses them under its exclusive locks; ``scan_mbox``, the
 client's view, only ever opens the file read-only and takes a shared lock.
 """
 

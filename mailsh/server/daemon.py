@@ -36,8 +36,8 @@ from mailsh.keys.identity import require_identity
 from mailsh.mail.watch import Watcher
 from mailsh.server.cgroup import Containment
 from mailsh.server.diskspace import SpaceGuard
-from mailsh.server.maildir import MaildirIntake
-from mailsh.server.mbox import MboxIntake
+from mailsh.server.intake.maildir import MaildirIntake
+from mailsh.server.intake.mbox import MboxIntake
 from mailsh.server.outbound import Mailer, OutboundWorker, mailer_from_settings
 from mailsh.server.processor import Processor, ServerIdentity
 from mailsh.server.retention import Pruner
@@ -205,7 +205,7 @@ class Server:
     def start_listener(self) -> None:
         if self.options.smtp_listen is None:
             return
-        from mailsh.server.smtp_listener import SmtpLimits, SmtpListener
+        from mailsh.server.intake.smtp import SmtpLimits, SmtpListener
 
         host, port = self.options.smtp_listen
         wanted = {a.lower() for a in self.identity.addresses}

@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 from mailsh.errors import TransportError
-from mailsh.mailer import outbound_from_settings
+from mailsh.mail.mailer import outbound_from_settings
+from mailsh.mail.transport import is_temporary
 from mailsh.server.state import Outbound as QueuedReply
 from mailsh.server.state import StateDB, next_backoff
 from mailsh.settings import Settings
-from mailsh.transport import is_temporary
 
 log = logging.getLogger("mailsh.server")
 

@@ -40,12 +40,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from mailsh import envelope
+from mailsh import seal
 from mailsh.errors import MailshError, ProtocolError
 from mailsh.keys.capability import EncryptionCheck
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.trust import TrustStore, load_trust
-from mailsh.mailfmt import read_mail
+from mailsh.mail.message import read_mail
 from mailsh.protocol import Notice, OriginalState, Reply, ReplyStatus
 from mailsh.server import claimant
 from mailsh.server.cgroup import Containment
@@ -190,7 +190,7 @@ class Processor:
         trust = load_trust(s.trust_file)
         now = datetime.now(UTC)
         try:
-            request = envelope.open_request(
+            request = seal.open_request(
                 self.gpg,
                 raw,
                 trust=trust,
@@ -203,7 +203,7 @@ class Processor:
                 require_encrypted=s.require_encryption,
                 passphrase=s.passphrase(),
             )
-        except envelope.AuthenticatedRejectionError as exc:
+        except seal.AuthenticatedRejectionError as exc:
             return self._reject(
                 msg,
                 trust,
@@ -282,7 +282,7 @@ class Processor:
         return MessageState.REJECTED if mail is not None else MessageState.UNREPORTED
 
     def _run(
-        self, msg: SpooledMessage, trust: TrustStore, request: envelope.VerifiedRequest
+        self, msg: SpooledMessage, trust: TrustStore, request: seal.VerifiedRequest
     ) -> MessageState:
         s = self.settings
         claimed = self.state.claim_request(
@@ -394,7 +394,7 @@ class Processor:
         self,
         msg: SpooledMessage,
         trust: TrustStore,
-        request: envelope.VerifiedRequest,
+        request: seal.VerifiedRequest,
         reply: Reply,
         *,
         fallback: Reply | None = None,
@@ -578,7 +578,7 @@ class Processor:
             log.warning("not answering %s: the key is no longer pinned", signer)
             return None
         try:
-            message = envelope.seal_reply(
+            message = seal.seal_reply(
                 self.gpg,
                 payload,
                 signer=self.identity.fingerprint,

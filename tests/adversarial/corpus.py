@@ -17,9 +17,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from mailsh import envelope, protocol
+from mailsh import protocol, seal
 from mailsh.keys import packets
-from mailsh.keys.crypto import seal
+from mailsh.keys.crypto import seal as pgp_seal
 from mailsh.protocol import Reply, ReplyStatus
 from tests.adversarial.kit import RIG_SETTINGS, Case, Hostile, Kit, marker_command
 from tests.attacks import forge
@@ -94,7 +94,7 @@ def cached(k: Kit, key: str, make: Callable[[], bytes]) -> bytes:
     return k.cache[key]
 
 
-def decrypted(k: Kit, raws: list[bytes], sealed: envelope.SealedRequest) -> list[Reply]:
+def decrypted(k: Kit, raws: list[bytes], sealed: seal.SealedRequest) -> list[Reply]:
     out = []
     for raw in raws:
         try:
@@ -319,7 +319,9 @@ def expired_key(k: Kit, marker: Path) -> Hostile:
 @case("identity")
 def signed_by_the_server_key_itself(k: Kit, marker: Path) -> Hostile:
     """The server's own key is not pinned: its signature authorizes nothing."""
-    armored = seal(k.server.gpg, payload(k, marker), signer=k.server.fingerprint, recipient=None)
+    armored = pgp_seal(
+        k.server.gpg, payload(k, marker), signer=k.server.fingerprint, recipient=None
+    )
     return Hostile([forge.request_mail(armored)])
 
 
@@ -390,7 +392,7 @@ def tampered_request(k: Kit, marker: Path) -> Hostile:
 @case("oracle")
 def mallory_asks_for_a_reply_to_a_victim(k: Kit, marker: Path) -> Hostile:
     data = payload(k, marker, reply_to="victim@elsewhere.test")
-    armored = seal(
+    armored = pgp_seal(
         k.mallory.gpg, data, signer=k.mallory.fingerprint, recipient=k.server.fingerprint
     )
     return Hostile([forge.request_mail(armored)])
@@ -399,7 +401,9 @@ def mallory_asks_for_a_reply_to_a_victim(k: Kit, marker: Path) -> Hostile:
 @case("oracle")
 def encrypted_to_another_key(k: Kit, marker: Path) -> Hostile:
     data = payload(k, marker)
-    armored = seal(k.alice.gpg, data, signer=k.alice.fingerprint, recipient=k.mallory.fingerprint)
+    armored = pgp_seal(
+        k.alice.gpg, data, signer=k.alice.fingerprint, recipient=k.mallory.fingerprint
+    )
     return Hostile([forge.request_mail(armored)])
 
 
@@ -446,7 +450,7 @@ def our_own_reply_fed_back(k: Kit, marker: Path) -> Hostile:
         exit_code=0,
         stdout=marker_command(marker).encode(),
     )
-    mail = envelope.seal_reply(
+    mail = seal.seal_reply(
         k.server.gpg,
         reply,
         signer=k.server.fingerprint,

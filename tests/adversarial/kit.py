@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
 
-from mailsh.envelope import SealedRequest
+from mailsh.seal import SealedRequest
 from mailsh.server.daemon import ServeOptions, Server
 from mailsh.server.state import MessageState, StateDB
 from mailsh.settings import load_settings

@@ -8,7 +8,7 @@ served. Each test plants one trick, lets one serve (with a clean mbox beside the
 planted one) run, and checks the victim, the marker, the mail sent and the next valid
 request.
 
-The defences are docs/security.md P13 (``mailsh/server/intake_files.py``).
+The defences are docs/security.md P13 (``mailsh/server/intake/files.py``).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mailsh import protocol
-from mailsh.mailfmt import build_request_mail
+from mailsh.mail.message import build_request_mail
 
 GPG_BATCH = ("--batch", "--yes", "--no-tty", "--pinentry-mode", "loopback", "--passphrase", "")
 

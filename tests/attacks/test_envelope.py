@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from mailsh import envelope, protocol
-from mailsh.envelope import AuthenticatedRejectionError, SealedRequest, VerifiedRequest
+from mailsh import protocol, seal
 from mailsh.errors import ProtocolError
-from mailsh.keys.crypto import seal
+from mailsh.keys.crypto import seal as pgp_seal
 from mailsh.keys.trust import TrustStore, add_trusted_key, load_trust
 from mailsh.protocol import Audience, Reply, ReplyStatus, Request
+from mailsh.seal import AuthenticatedRejectionError, SealedRequest, VerifiedRequest
 from tests.attacks import forge
 from tests.conftest import Home
 
@@ -80,7 +80,7 @@ def seal_req(
     w: World, req: Request, *, encrypt: bool = True, by: Home | None = None
 ) -> SealedRequest:
     signer = by or w.alice
-    return envelope.seal_request(
+    return seal.seal_request(
         signer.gpg,
         req,
         signer=signer.fingerprint,
@@ -101,12 +101,14 @@ def open_req(w: World, raw: bytes, trust: TrustStore | None = None, **over: Any)
         "max_bytes": MAX,
     }
     kw.update(over)
-    return envelope.open_request(w.server.gpg, raw, **kw)
+    return seal.open_request(w.server.gpg, raw, **kw)
 
 
 def signed_bytes_mail(w: World, payload: bytes, *, by: Home | None = None) -> bytes:
     signer = by or w.alice
-    armored = seal(signer.gpg, payload, signer=signer.fingerprint, recipient=w.server.fingerprint)
+    armored = pgp_seal(
+        signer.gpg, payload, signer=signer.fingerprint, recipient=w.server.fingerprint
+    )
     return forge.request_mail(armored)
 
 
@@ -521,7 +523,7 @@ def _reply_mail(
         "stdout": b"\x00\xffout",
     }
     fields.update(over)
-    return envelope.seal_reply(
+    return seal.seal_reply(
         signer.gpg,
         Reply(**fields),
         signer=signer.fingerprint,
@@ -533,7 +535,7 @@ def _reply_mail(
 
 
 def _open_reply(world: World, raw: bytes, sealed: SealedRequest) -> Reply:
-    return envelope.open_reply(
+    return seal.open_reply(
         world.alice.gpg,
         raw,
         trust=world.alice_trust,

@@ -1,4 +1,4 @@
-"""Fuzzing the whole verification path, ``envelope.open_request``, with real gpg.
+"""Fuzzing the whole verification path, ``seal.open_request``, with real gpg.
 
 Starting from valid sealed requests (signed and encrypted, and signed only), hypothesis
 flips bytes, truncates, inserts, edits headers and re-wraps the mail. Whatever comes
@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailsh import envelope, protocol
+from mailsh import protocol, seal
 from mailsh.errors import GpgError, ProtocolError
 from mailsh.keys.trust import TrustStore, add_trusted_key, load_trust
 from tests.attacks import forge
@@ -36,7 +36,7 @@ class Target:
     signer: str
     server: Home
     trust: TrustStore
-    sealed: list[envelope.SealedRequest]
+    sealed: list[seal.SealedRequest]
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +52,10 @@ def target(alice: Home, server: Home, tmp_path_factory: pytest.TempPathFactory) 
     yield Target(alice.fingerprint, server, load_trust(trust_file), sealed)
 
 
-def _open(t: Target, raw: bytes) -> envelope.VerifiedRequest | None:
+def _open(t: Target, raw: bytes) -> seal.VerifiedRequest | None:
     with guard():
         try:
-            return envelope.open_request(
+            return seal.open_request(
                 t.server.gpg,
                 raw,
                 trust=t.trust,

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 
-from mailsh import envelope, protocol
+from mailsh import protocol, seal
 from mailsh.errors import ProtocolError
 from mailsh.keys.trust import add_trusted_key, load_trust
 from mailsh.protocol import Notice, Reply
@@ -104,7 +104,7 @@ def request(
     max_output_bytes: int | None = None,
     issued_at: datetime | None = None,
     encrypt: bool = True,
-) -> envelope.SealedRequest:
+) -> seal.SealedRequest:
     now = issued_at or datetime.now(UTC)
     req = protocol.Request(
         request_id=protocol.new_request_id(),
@@ -117,7 +117,7 @@ def request(
         timeout=timeout,
         max_output_bytes=max_output_bytes,
     )
-    return envelope.seal_request(
+    return seal.seal_request(
         client.gpg,
         req,
         signer=client.fingerprint,
@@ -137,9 +137,7 @@ def mbox_append(path: Path, *mails: bytes) -> None:
             fh.write(b"\n")
 
 
-def open_reply(
-    client: Home, server_home: Home, sealed: envelope.SealedRequest, raw: bytes
-) -> Reply:
+def open_reply(client: Home, server_home: Home, sealed: seal.SealedRequest, raw: bytes) -> Reply:
     """The outcome reply in ``raw`` (a notice raises: it is never an outcome)."""
     found = open_answer(client, server_home, sealed, raw)
     if isinstance(found, Notice):
@@ -148,9 +146,9 @@ def open_reply(
 
 
 def open_answer(
-    client: Home, server_home: Home, sealed: envelope.SealedRequest, raw: bytes
+    client: Home, server_home: Home, sealed: seal.SealedRequest, raw: bytes
 ) -> Reply | Notice:
-    return envelope.open_answer(
+    return seal.open_answer(
         client.gpg,
         raw,
         trust=load_trust(client.settings.trust_file),
@@ -173,7 +171,7 @@ def server_settings(server_home: Home, sink: Sink, **overrides: object) -> Setti
 
 
 def replies_for(
-    client: Home, server_home: Home, sealed: envelope.SealedRequest, sink: Sink
+    client: Home, server_home: Home, sealed: seal.SealedRequest, sink: Sink
 ) -> list[Reply]:
     out = []
     for msg in sink.messages:
@@ -185,7 +183,7 @@ def replies_for(
 
 
 def notices_for(
-    client: Home, server_home: Home, sealed: envelope.SealedRequest, sink: Sink
+    client: Home, server_home: Home, sealed: seal.SealedRequest, sink: Sink
 ) -> list[Notice]:
     out = []
     for msg in sink.messages:

@@ -44,7 +44,7 @@ from typing import Any
 
 import pytest
 
-from mailsh import envelope, protocol
+from mailsh import protocol, seal
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.trust import add_trusted_key, load_trust
 from mailsh.protocol import Reply, ReplyStatus
@@ -314,7 +314,7 @@ def pipe_server(rig_env: dict[str, str], rig_alice: Home) -> Iterator[PipeServer
         shutil.rmtree(workspace, ignore_errors=True)
 
 
-def seal_for(client: Home, server: PipeServer, command: str) -> envelope.SealedRequest:
+def seal_for(client: Home, server: PipeServer, command: str) -> seal.SealedRequest:
     now = datetime.now(UTC)
     request = protocol.Request(
         request_id=protocol.new_request_id(),
@@ -324,7 +324,7 @@ def seal_for(client: Home, server: PipeServer, command: str) -> envelope.SealedR
         expires_at=now + timedelta(hours=1),
         command=command,
     )
-    return envelope.seal_request(
+    return seal.seal_request(
         client.gpg,
         request,
         signer=client.fingerprint,
@@ -334,8 +334,8 @@ def seal_for(client: Home, server: PipeServer, command: str) -> envelope.SealedR
     )
 
 
-def open_reply(client: Home, server_fpr: str, sealed: envelope.SealedRequest, raw: bytes) -> Reply:
-    return envelope.open_reply(
+def open_reply(client: Home, server_fpr: str, sealed: seal.SealedRequest, raw: bytes) -> Reply:
+    return seal.open_reply(
         client.gpg,
         raw,
         trust=load_trust(client.settings.trust_file),

@@ -14,8 +14,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from mailsh.client.wait import looks_like_reply
-from mailsh.envelope import SealedRequest
 from mailsh.protocol import ReplyStatus
+from mailsh.seal import SealedRequest
 from mailsh.server.daemon import ServeOptions, Server
 from tests.conftest import Home
 from tests.integration.serverkit import Sink, mbox_append, open_reply, request, server_settings

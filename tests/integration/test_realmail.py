@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from mailsh import envelope
+from mailsh import seal
 from mailsh.cli import main
 from mailsh.client.pending import PendingRequest, PendingStore
 from mailsh.client.send import send_request
@@ -498,7 +498,7 @@ def test_burst_of_200_requests_through_postfix_each_run_once_each_answered(
     """200 requests through 587 while serve (2 workers) runs: ran once, answered once.
 
     The library sends (one SMTP session each, like 200 ``mailsh send``) and verifies the
-    replies with ``envelope.open_reply``; 200 CLI processes would only add start-up time.
+    replies with ``seal.open_reply``; 200 CLI processes would only add start-up time.
     """
     marker = tmp_path / "ran"
     alice = homes.alice
@@ -547,7 +547,7 @@ def _collect_replies(
 ) -> dict[str, int]:
     """Poll alice's mbox until every request has a verified OK reply; count replies per id.
 
-    Each reply is verified once (``envelope.open_reply``); a message that fails to open
+    Each reply is verified once (``seal.open_reply``); a message that fails to open
     is only tolerated as the mbox's last one (Postfix may still be writing it).
     """
     trust = load_trust(client.settings.trust_file)
@@ -564,7 +564,7 @@ def _collect_replies(
             if rid in verified:
                 continue
             try:
-                reply = envelope.open_reply(
+                reply = seal.open_reply(
                     client.gpg,
                     raw,
                     trust=trust,

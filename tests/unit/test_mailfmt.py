@@ -1,4 +1,4 @@
-"""mailsh.mailfmt: reading hostile mails, building requests and replies from templates."""
+"""mailsh.mail.message: reading hostile mails, building requests and replies from templates."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from email.policy import default
 import pytest
 
 from mailsh.errors import ProtocolError
-from mailsh.mailfmt import build_reply_mail, build_request_mail, read_mail
+from mailsh.mail.message import build_reply_mail, build_request_mail, read_mail
 from tests.attacks.forge import mail_with_body
 
 BODY = b"line one\r\nbegin 600 request.asc\r\n`\r\nend\r\n"

@@ -1,4 +1,4 @@
-"""mailsh.transport against a real aiosmtpd server on 127.0.0.1 and a real fake sendmail."""
+"""mailsh.mail.transport against a real aiosmtpd server on 127.0.0.1 and a real fake sendmail."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from pydantic import SecretStr
 
-from mailsh import transport
 from mailsh.addresses import InvalidAddressError, validate_address
 from mailsh.errors import TransportError, UsageError
-from mailsh.transport import (
+from mailsh.mail import transport
+from mailsh.mail.transport import (
     SmtpOptions,
     SmtpSession,
     SmtpTarget,

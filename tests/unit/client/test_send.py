@@ -36,7 +36,6 @@ from mailsh.client.send import (
     read_stdin_arg,
     send_request,
 )
-from mailsh.envelope import VerifiedRequest, open_request, seal_reply
 from mailsh.errors import (
     ConfigError,
     ExitCode,
@@ -47,10 +46,11 @@ from mailsh.errors import (
 )
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.trust import add_trusted_key, load_trust
-from mailsh.mailer import Outbound, outbound_from_settings
+from mailsh.mail.mailer import Outbound, outbound_from_settings
+from mailsh.mail.transport import SmtpOptions, parse_smtp_url
 from mailsh.protocol import Reply, ReplyStatus
+from mailsh.seal import VerifiedRequest, open_request, seal_reply
 from mailsh.settings import Settings, ensure_home, load_settings
-from mailsh.transport import SmtpOptions, parse_smtp_url
 from tests.conftest import Home
 
 MiB = 1024 * 1024

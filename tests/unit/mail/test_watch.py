@@ -14,7 +14,7 @@ import pytest
 
 import mailsh.mail.watch as watch_mod
 from mailsh.mail.watch import Watcher
-from mailsh.server.mbox import MboxIntake
+from mailsh.server.intake.mbox import MboxIntake
 from mailsh.server.spool import Spool
 
 MakeWatcher = Callable[..., Watcher]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mailsh.server.diskspace import SpaceGuard, disk_status, free_bytes
-from mailsh.server.smtp_listener import SmtpListener
+from mailsh.server.intake.smtp import SmtpListener
 from mailsh.server.spool import Spool
 
 TiB = 1 << 40

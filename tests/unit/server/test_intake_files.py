@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from mailsh.server.intake_files import read_refusals
-from mailsh.server.maildir import MaildirIntake
-from mailsh.server.mbox import MboxIntake
+from mailsh.server.intake.files import read_refusals
+from mailsh.server.intake.maildir import MaildirIntake
+from mailsh.server.intake.mbox import MboxIntake
 from mailsh.server.spool import Spool, SpooledMessage, SpoolError
 
 SEP = b"From sender@example.org  Mon Jan  1 00:00:00 2024\n"

@@ -14,7 +14,7 @@ import pytest
 
 from mailsh.errors import TransportError
 from mailsh.mail.maildir import scan_maildir
-from mailsh.server.maildir import MaildirIntake
+from mailsh.server.intake.maildir import MaildirIntake
 from mailsh.server.spool import Spool, SpooledMessage
 
 
@@ -90,7 +90,7 @@ def test_spool_failure_leaves_the_message_in_new(
 _KILLED_BEFORE_MOVE = """
 import os, signal, sys
 from pathlib import Path
-import mailsh.server.maildir as md
+import mailsh.server.intake.maildir as md
 from mailsh.server.spool import Spool
 
 class DieOnRename:

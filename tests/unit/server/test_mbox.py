@@ -23,7 +23,7 @@ import pytest
 
 from mailsh.errors import TransportError
 from mailsh.mail.mbox import scan_mbox
-from mailsh.server.mbox import MboxIntake
+from mailsh.server.intake.mbox import MboxIntake
 from mailsh.server.spool import Spool, SpooledMessage
 
 SEP = b"From sender@example.org  Mon Jan  1 00:00:00 2024\n"
@@ -163,7 +163,7 @@ def test_spool_failure_midway_leaves_mbox_intact_then_duplicates(
 _KILLED_BEFORE_TRUNCATE = """
 import os, signal, sys
 from pathlib import Path
-from mailsh.server.mbox import MboxIntake
+from mailsh.server.intake.mbox import MboxIntake
 from mailsh.server.spool import Spool
 os.ftruncate = lambda fd, n: os.kill(os.getpid(), signal.SIGKILL)
 MboxIntake(Path(sys.argv[1]), Spool(Path(sys.argv[2]))).collect()
@@ -310,7 +310,7 @@ def test_fcntl_lock_held_by_another_process_blocks_collect(mbox: Path, spool: Sp
 _COLLECT_REPORT = """
 import json, logging, sys
 from pathlib import Path
-from mailsh.server.mbox import MboxIntake
+from mailsh.server.intake.mbox import MboxIntake
 from mailsh.server.spool import Spool
 logging.basicConfig(level=logging.WARNING)
 got = MboxIntake(Path(sys.argv[1]), Spool(Path(sys.argv[2])), lock_attempts=3).collect()

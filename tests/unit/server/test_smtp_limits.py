@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mailsh.server.smtp_listener import SmtpLimits, SmtpListener, peer_key
+from mailsh.server.intake.smtp import SmtpLimits, SmtpListener, peer_key
 from mailsh.server.spool import Spool
 from mailsh.settings import load_settings
 

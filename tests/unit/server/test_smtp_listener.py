@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mailsh.errors import TransportError
-from mailsh.server.smtp_listener import SPOOL_SOURCE, SmtpListener, spool_id
+from mailsh.server.intake.smtp import SPOOL_SOURCE, SmtpListener, spool_id
 from mailsh.server.spool import Spool, SpooledMessage
 
 OURS = "run@mailsh.test"

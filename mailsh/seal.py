@@ -18,7 +18,7 @@ from mailsh.errors import ProtocolError
 from mailsh.keys.crypto import VerifiedPayload, seal, verify
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.trust import TrustStore
-from mailsh.mailfmt import IncomingMail, build_reply_mail, build_request_mail, read_mail
+from mailsh.mail.message import IncomingMail, build_reply_mail, build_request_mail, read_mail
 from mailsh.protocol import Notice, Reply, Request
 
 REPLY_MAX_AGE = timedelta(days=30)
@@ -71,7 +71,7 @@ class VerifiedRequest:
 
     def __post_init__(self) -> None:
         if self._seal is not _SEAL:
-            raise TypeError("VerifiedRequest is only built by mailsh.envelope.open_request")
+            raise TypeError("VerifiedRequest is only built by mailsh.seal.open_request")
 
 
 def seal_request(

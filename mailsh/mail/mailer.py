@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Protocol
 from mailsh.errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
+    from mailsh.mail.transport import SmtpOptions, SmtpTarget
     from mailsh.settings import Settings
-    from mailsh.transport import SmtpOptions, SmtpTarget
 
 TRANSPORT_HINT = "--smtp smtp://host:587 or --sendmail /usr/sbin/sendmail"
 
@@ -44,7 +44,7 @@ class Outbound:
 
     def submit(self, *, mail_from: str, rcpt_to: Sequence[str], message: bytes) -> None:
         """Hand ``message`` over; returns once the SMTP server or sendmail accepted it."""
-        from mailsh.transport import SmtpOptions, send_sendmail, send_smtp
+        from mailsh.mail.transport import SmtpOptions, send_sendmail, send_smtp
 
         if self.smtp is not None:
             options = self.smtp_options or SmtpOptions()
@@ -55,8 +55,8 @@ class Outbound:
     @contextlib.contextmanager
     def session(self) -> Iterator[Submit]:
         """Submit several messages in a row (a burst of replies): over SMTP on one
-        connection (:class:`~mailsh.transport.SmtpSession`); sendmail runs once each."""
-        from mailsh.transport import SmtpOptions, SmtpSession
+        connection (:class:`~mailsh.mail.transport.SmtpSession`); sendmail runs once each."""
+        from mailsh.mail.transport import SmtpOptions, SmtpSession
 
         if self.smtp is None:
             yield self.submit
@@ -70,7 +70,7 @@ class Outbound:
 
 def outbound_from_settings(settings: Settings) -> Outbound:
     """The :class:`Outbound` that ``smtp``/``sendmail`` and the TLS settings describe."""
-    from mailsh.transport import SmtpOptions, parse_smtp_url
+    from mailsh.mail.transport import SmtpOptions, parse_smtp_url
 
     if settings.smtp is None and settings.sendmail is None:
         raise ConfigError(

@@ -35,7 +35,7 @@ stored with its bare LFs, but dot-stuffing the client applied after a bare LF is
 undone (``.x`` arrives as ``..x``) and the CRLF the client added before the final dot
 stays. Harmless for OpenPGP armor (no armor line starts with a dot). RFC 5321 requires
 CRLF, so aiosmtpd's defence is kept rather than loosened; mailsh's own sender normalises
-to CRLF (:func:`mailsh.transport.to_crlf`), and so do Postfix and other MTAs.
+to CRLF (:func:`mailsh.mail.transport.to_crlf`), and so do Postfix and other MTAs.
 
 If a client disconnects while ``put`` is running, the message is still stored but the
 client never saw ``250`` and will send it again: a duplicate, never a loss (duplicates

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from mailsh.errors import TransportError
 from mailsh.mail.maildir import message_key, read_chunks, visible_names
-from mailsh.server.intake_files import (
+from mailsh.server.intake.files import (
     MailboxRefusedError,
     RefusalRecord,
     check_owner,

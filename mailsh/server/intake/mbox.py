@@ -43,7 +43,7 @@ from pathlib import Path
 
 from mailsh.errors import TransportError
 from mailsh.mail.mbox import Span, lockf, read_span, spans
-from mailsh.server.intake_files import (
+from mailsh.server.intake.files import (
     MailboxRefusedError,
     RefusalRecord,
     kind,
