@@ -14,19 +14,19 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from mailsh.errors import TransportError
 from mailsh.mail.mailer import outbound_from_settings
 from mailsh.mail.transport import is_temporary
-from mailsh.server.state import Outbound as QueuedReply
-from mailsh.server.state import StateDB, next_backoff
+from mailsh.server.state import QueuedReply, StateDB, next_backoff
 from mailsh.settings import Settings
 
 log = logging.getLogger("mailsh.server")
 
 Mailer = Callable[[str, str, bytes], None]  # (mail_from, rcpt_to, message)
 MAX_PERMANENT_ATTEMPTS = 5
+OUTBOX_LEASE = timedelta(minutes=5)
 
 
 class SettingsMailer:
@@ -93,7 +93,7 @@ class OutboundWorker:
             return total
 
     def _flush(self) -> int:
-        items = self.state.lease_outbound(datetime.now(UTC))
+        items = self.state.outbox.lease(datetime.now(UTC), lease=OUTBOX_LEASE)
         if not items:
             return 0
         with _burst(self.mailer) as send:
@@ -108,11 +108,11 @@ class OutboundWorker:
                 attempts = item.attempts + 1
                 temporary = is_temporary(exc)
                 if not temporary and attempts >= MAX_PERMANENT_ATTEMPTS:
-                    self.state.mark_failed(item.id, exc.message, None)
+                    self.state.outbox.mark_failed(item.id, exc.message, None)
                     log.error("giving up on reply %s to %s: %s", item.id, item.to_addr, exc)
                     continue
                 when = datetime.now(UTC) + next_backoff(attempts)
-                self.state.mark_failed(item.id, exc.message, when)
+                self.state.outbox.mark_failed(item.id, exc.message, when)
                 log.warning(
                     "reply %s to %s not sent (%s); retry at %s",
                     item.id,
@@ -123,11 +123,11 @@ class OutboundWorker:
                 continue
             except Exception:  # never let one reply kill the worker
                 log.exception("sending reply %s failed unexpectedly", item.id)
-                self.state.mark_failed(
+                self.state.outbox.mark_failed(
                     item.id, "internal error", datetime.now(UTC) + next_backoff(item.attempts + 1)
                 )
                 continue
-            self.state.mark_sent(item.id)
+            self.state.outbox.mark_sent(item.id)
             log.info("reply %s sent to %s", item.id, item.to_addr)
             sent += 1
         return sent
@@ -146,7 +146,7 @@ class OutboundWorker:
             self._wake.clear()
 
     def _next_wait(self) -> float:
-        due = self.state.next_outbound_due()
+        due = self.state.outbox.next_due()
         if due is None:
             return 30.0
         return max(0.05, min(30.0, (due - datetime.now(UTC)).total_seconds()))

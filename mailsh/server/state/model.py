@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mailsh.errors import StateError
 
-STATE_FILE = "state.db"
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    Record = TypeVar("Record", bound=DataclassInstance)
+
 #: Seconds a writer waits for another process's transaction before giving up.
 BUSY_TIMEOUT = 30.0
 #: Retry delays for outbound mail: BACKOFF_BASE * 2**(attempts-1), at most BACKOFF_CAP.
 BACKOFF_BASE = timedelta(minutes=1)
 BACKOFF_CAP = timedelta(hours=1)
-_MAX_ERROR_CHARS = 2000
+MAX_ERROR_CHARS = 2000
 _TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
@@ -46,10 +52,6 @@ FINAL_STATES = frozenset(
         MessageState.DISCARDED,
         MessageState.QUARANTINED,
     }
-)
-#: Final states that come with a reply to the signer (see :meth:`StateDB.finish_with_reply`).
-REPORTED_STATES = frozenset(
-    {MessageState.REPLIED, MessageState.REJECTED, MessageState.OUTCOME_UNKNOWN}
 )
 
 
@@ -100,7 +102,7 @@ class ClaimedRequest:
 
 @dataclass(frozen=True)
 class MailToQueue:
-    """A sealed mail to queue with a state change (see :meth:`StateDB.settle_claim`)."""
+    """A sealed mail to queue with a state change (see :meth:`Requests.settle`)."""
 
     to_addr: str
     from_addr: str
@@ -108,7 +110,7 @@ class MailToQueue:
 
 
 @dataclass(frozen=True)
-class Outbound:
+class QueuedReply:
     """A queued reply (``message`` is the complete, already signed and encrypted mail)."""
 
     id: int
@@ -121,14 +123,6 @@ class Outbound:
     next_attempt_at: datetime
     last_error: str | None
     created_at: datetime
-
-
-@dataclass(frozen=True)
-class AuditEntry:
-    id: int
-    at: datetime
-    event: str
-    fields: dict[str, str | int | None]
 
 
 @dataclass(frozen=True)
@@ -151,25 +145,35 @@ class ReasonCount:
     last_at: datetime
 
 
-# Version N-1 -> N. Statements run one by one inside the migration transaction
-# (executescript would commit first). Never edit a released entry; append a new one.
-
-
-def _ts(when: datetime) -> str:
+def timestamp(when: datetime) -> str:
+    """``when`` as stored: fixed-width UTC text, so text order is time order."""
     if when.tzinfo is None:
         raise ValueError(f"naive datetime {when!r}: state timestamps must be timezone-aware")
     return when.astimezone(UTC).strftime(_TS_FORMAT)
 
 
-def _dt(text: str) -> datetime:
+def parse_timestamp(text: str) -> datetime:
+    """A stored timestamp as an aware datetime."""
     return datetime.strptime(text, _TS_FORMAT).replace(tzinfo=UTC)
 
 
-def _utcnow() -> datetime:
+def from_row(cls: type[Record], row: Sequence[Any]) -> Record:
+    """A ``cls`` record from a row whose columns are its fields, in order: timestamps
+    parsed, states made :class:`MessageState`."""
+    return cls(*(_column(spec.type, value) for spec, value in zip(fields(cls), row, strict=True)))
+
+
+def _column(kind: object, value: Any) -> Any:
+    if value is not None and kind in ("datetime", "datetime | None"):
+        return parse_timestamp(value)
+    return MessageState(value) if kind == "MessageState" else value
+
+
+def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _check_transition(spool_id: str, current: MessageState, new: MessageState) -> None:
+def check_transition(spool_id: str, current: MessageState, new: MessageState) -> None:
     """received -> executing -> final, or received -> final; nothing leaves a final state."""
     if current in FINAL_STATES:
         raise StateError(f"message {spool_id} is already {current}; it cannot become {new}")
