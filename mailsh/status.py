@@ -194,7 +194,7 @@ def messages_section(ctx: StatusContext) -> Section | None:
 
     counts = ctx.counts
     data = {state.value: counts[state.value] for state in MessageState}
-    rows = [(state.replace("_", " "), str(n)) for state, n in data.items()]
+    rows = [(state.replace("-", " "), str(n)) for state, n in data.items()]
     return Section("messages", "messages by state", data, rows=rows)
 
 

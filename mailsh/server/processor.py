@@ -16,7 +16,7 @@ Every message ends in exactly one recorded state (docs/security.md P9):
 - a copy of a request already taken (duplicate delivery, loop, replay): ``duplicate``;
   never run, never a second outcome, at most one notice per request
   (docs/protocol.md section 9);
-- a claim whose process died (crash, SIGKILL) is settled ``outcome_unknown`` and
+- a claim whose process died (crash, SIGKILL) is settled ``outcome-unknown`` and
   reported once, by whichever serve process notices first; a live process's claim is
   never answered by another;
 - anything that crashes the pipeline twice before a claim: ``quarantined`` (P11).
@@ -83,10 +83,9 @@ INTERRUPTED_REASON = (
 def _original_state(claim: ClaimedRequest) -> OriginalState:
     if claim.finished_at is None:
         return OriginalState.RUNNING
-    status = claim.status or ""
-    if status.startswith("outcome-unknown"):
+    if claim.status is ReplyStatus.OUTCOME_UNKNOWN:
         return OriginalState.OUTCOME_UNKNOWN
-    if status.endswith("(unreported)"):
+    if not claim.reported:
         return OriginalState.UNREPORTED
     return OriginalState.FINISHED
 
@@ -417,7 +416,7 @@ class Processor:
         settled = self.state.requests.settle(
             signer=request.signer,
             request_id=request.request_id,
-            status=status,
+            status=reply.status,
             message_state=final,
             reason=reply.reason,
             reply=mail,
@@ -527,7 +526,7 @@ class Processor:
         settled = self.state.requests.settle(
             signer=claim.signer,
             request_id=claim.request_id,
-            status="outcome-unknown" if mail is not None else "outcome-unknown (unreported)",
+            status=ReplyStatus.OUTCOME_UNKNOWN,
             message_state=MessageState.OUTCOME_UNKNOWN,
             reason="interrupted",
             reply=mail,

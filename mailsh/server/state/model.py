@@ -9,6 +9,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mailsh.errors import StateError
+from mailsh.protocol import ReplyStatus
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -25,13 +26,17 @@ _TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 class MessageState(StrEnum):
-    """Where a spooled message is. Every state but the first two is final (P9)."""
+    """Where a spooled message is. Every state but the first two is final (P9).
+
+    A state that is also a reply status or a notice's ``original`` is spelled as on the
+    wire (``outcome-unknown``, docs/protocol.md): one name for one outcome.
+    """
 
     RECEIVED = "received"
     EXECUTING = "executing"
     REPLIED = "replied"  # executed and reported
     REJECTED = "rejected"  # rejected and reported to the signer
-    OUTCOME_UNKNOWN = "outcome_unknown"  # interrupted by a crash, reported, never re-run
+    OUTCOME_UNKNOWN = "outcome-unknown"  # interrupted by a crash, reported, never re-run
     DUPLICATE = "duplicate"  # a copy of a request already taken: never run, at most a notice
     UNREPORTED = "unreported"  # taken, but no report could be sealed (e.g. no encryption key)
     DISCARDED = "discarded"  # unauthenticated: discarded and logged, no reply (P7)
@@ -82,9 +87,9 @@ class ClaimedRequest:
     """A replay-record row: a request this server has taken, run or not.
 
     ``claimed_by`` names the claiming process (:mod:`mailsh.server.claimant`);
-    ``status`` is set when the request got its outcome (``finished_at``), e.g. ``ok``,
-    ``rejected``, ``outcome-unknown``; ``notice_sent_at`` when a copy of it was answered
-    with a notice (at most once).
+    ``status`` is set when the request got its outcome (``finished_at``): the status of
+    the reply sent for it, ``reported`` False when no reply could be sealed;
+    ``notice_sent_at`` when a copy of it was answered with a notice (at most once).
     """
 
     signer: str
@@ -96,8 +101,9 @@ class ClaimedRequest:
     claimed_at: datetime
     claimed_by: str
     finished_at: datetime | None = None
-    status: str | None = None
+    status: ReplyStatus | None = None
     notice_sent_at: datetime | None = None
+    reported: bool = True
 
 
 @dataclass(frozen=True)

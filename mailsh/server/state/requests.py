@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import sqlite3
 from datetime import datetime
+from typing import Any
 
+from mailsh.protocol import ReplyStatus
 from mailsh.server.state.messages import move_message
 from mailsh.server.state.model import (
     FINAL_STATES,
@@ -25,10 +27,20 @@ from mailsh.server.state.store import Store
 
 log = logging.getLogger("mailsh.server.state")
 
+#: How ``requests.status`` marks an outcome no reply could be sealed for (schema v2).
+_UNREPORTED = " (unreported)"
+
 _SELECT = (
     "SELECT signer, request_id, signature_id, issued_at, request_sha256, spool_id,"
     " claimed_at, claimed_by, finished_at, status, notice_sent_at FROM requests"
 )
+
+
+def _claim(row: Any) -> ClaimedRequest:
+    text: str | None = row[9]
+    reported = text is None or not text.endswith(_UNREPORTED)
+    status = None if text is None else ReplyStatus(text.removesuffix(_UNREPORTED))
+    return from_row(ClaimedRequest, (*row[:9], status, row[10], reported))
 
 
 class Requests:
@@ -99,14 +111,14 @@ class Requests:
             rows = conn.execute(
                 _SELECT + " WHERE finished_at IS NULL ORDER BY claimed_at, signer, request_id"
             ).fetchall()
-        return [from_row(ClaimedRequest, r) for r in rows]
+        return [_claim(r) for r in rows]
 
     def find(self, signer: str, request_id: str) -> ClaimedRequest | None:
         """The replay record of (``signer``, ``request_id``), finished or not."""
         row = self.store.read_one(
             _SELECT + " WHERE signer = ? AND request_id = ?", (signer, request_id)
         )
-        return None if row is None else from_row(ClaimedRequest, row)
+        return None if row is None else _claim(row)
 
     def record_rejection(
         self,
@@ -131,7 +143,7 @@ class Requests:
             inserted = conn.execute(
                 "INSERT INTO requests (signer, request_id, signature_id, issued_at,"
                 " request_sha256, spool_id, claimed_at, claimed_by, finished_at, status)"
-                " VALUES (?, ?, NULL, ?, ?, ?, ?, ?, ?, 'rejected')"
+                " VALUES (?, ?, NULL, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT DO NOTHING RETURNING 1",
                 (
                     signer,
@@ -142,6 +154,7 @@ class Requests:
                     now,
                     self.store.owner,
                     now,
+                    ReplyStatus.REJECTED,
                 ),
             ).fetchone()
             if inserted is None:
@@ -184,12 +197,15 @@ class Requests:
         *,
         signer: str,
         request_id: str,
-        status: str,
+        status: ReplyStatus,
         message_state: MessageState,
         reason: str | None,
         reply: MailToQueue | None,
     ) -> bool:
         """Finish an open claim with ``status`` and queue ``reply``, in one transaction.
+
+        ``status`` is the status of ``reply``; without a ``reply`` (none could be sealed)
+        the record notes the outcome as not reported.
 
         The claim's message gets ``message_state`` unless it already has a final state (a
         final state is never changed; the claim is finished all the same, so no message
@@ -201,7 +217,12 @@ class Requests:
             row = conn.execute(
                 "UPDATE requests SET finished_at = ?, status = ? WHERE signer = ?"
                 " AND request_id = ? AND finished_at IS NULL RETURNING spool_id",
-                (now, status, signer, request_id),
+                (
+                    now,
+                    status.value + ("" if reply is not None else _UNREPORTED),
+                    signer,
+                    request_id,
+                ),
             ).fetchone()
             if row is None:
                 return False

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mailsh.protocol import MAX_REQUEST_LIFETIME
+from mailsh.protocol import MAX_REQUEST_LIFETIME, ReplyStatus
 from mailsh.server.retention import Pruner, PruneResult, RetentionPolicy, prune
 from mailsh.server.spool import Spool, SpooledMessage
 from mailsh.server.state import MailToQueue, MessageState, QueuedReply, StateDB
@@ -68,7 +68,7 @@ class World:
         assert self.db.requests.settle(
             signer=SIGNER,
             request_id=rid,
-            status="ok",
+            status=ReplyStatus.OK,
             message_state=MessageState.REPLIED,
             reason=None,
             reply=MailToQueue(

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from mailsh.errors import StateError
+from mailsh.protocol import ReplyStatus
 from mailsh.server.state import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -83,7 +84,7 @@ def settle(
     return db.requests.settle(
         signer=signer,
         request_id=request_id,
-        status="ok",
+        status=ReplyStatus.OK,
         message_state=state,
         reason=None,
         reply=mail() if reply else None,
@@ -131,6 +132,68 @@ def test_schema_version_is_stamped_and_file_is_private(db: StateDB, tmp_path: Pa
         raw.close()
     assert (tmp_path / STATE_FILE).stat().st_mode & 0o777 == 0o600
     assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1))
+
+
+def test_a_version_2_file_is_migrated_to_one_spelling_of_outcome_unknown(
+    tmp_path: Path,
+) -> None:
+    """v3 spells the state of an interrupted message as the wire does; request statuses
+    written by v2 read as reply statuses, "(unreported)" as not reported."""
+    path = tmp_path / STATE_FILE
+    raw = sqlite3.connect(path, isolation_level=None)
+    for version in (1, 2):
+        for statement in MIGRATIONS[version]:
+            raw.execute(statement)
+    raw.execute("PRAGMA user_version = 2")
+    at = "2030-01-02T03:04:05.000000Z"
+    for spool_id, old in (("m1", "outcome_unknown"), ("m2", "replied"), ("m3", "received")):
+        raw.execute(
+            "INSERT INTO messages (spool_id, source, size, state, received_at, updated_at)"
+            " VALUES (?, 'mbox', 1, ?, ?, ?)",
+            (spool_id, old, at, at),
+        )
+    for request_id, status in (("r1", "outcome-unknown (unreported)"), ("r2", "ok")):
+        raw.execute(
+            "INSERT INTO requests (signer, request_id, issued_at, request_sha256, spool_id,"
+            " claimed_at, claimed_by, finished_at, status)"
+            " VALUES ('FPR', ?, ?, 'h', 'm', ?, 'host:1', ?, ?)",
+            (request_id, at, at, at, status),
+        )
+    raw.close()
+
+    with StateDB(path) as state:
+        assert state.messages.state("m1") is MessageState.OUTCOME_UNKNOWN
+        assert state.messages.state("m2") is MessageState.REPLIED
+        counts = state.report.counts()
+        assert (counts["outcome-unknown"], counts["replied"], counts["received"]) == (1, 1, 1)
+        interrupted = state.requests.find("FPR", "r1")
+        assert interrupted is not None
+        assert (interrupted.status, interrupted.reported) == (ReplyStatus.OUTCOME_UNKNOWN, False)
+        answered = state.requests.find("FPR", "r2")
+        assert answered is not None and (answered.status, answered.reported) == (
+            ReplyStatus.OK,
+            True,
+        )
+    raw = sqlite3.connect(path)
+    try:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert raw.execute(
+            "SELECT count(*) FROM messages WHERE state = 'outcome_unknown'"
+        ).fetchone() == (0,)
+    finally:
+        raw.close()
+
+
+def test_an_unreported_outcome_is_recorded_as_such(db: StateDB) -> None:
+    assert claim(db, "r1") and claim(db, "r2")
+    assert settle(db, "r1", MessageState.UNREPORTED, reply=False)
+    assert settle(db, "r2", MessageState.REPLIED)
+    r1, r2 = db.requests.find("FPR1", "r1"), db.requests.find("FPR1", "r2")
+    assert r1 is not None and (r1.status, r1.reported) == (ReplyStatus.OK, False)
+    assert r2 is not None and (r2.status, r2.reported) == (ReplyStatus.OK, True)
+    with db.store.read() as conn:  # stored as v2 wrote it: no migration of requests
+        rows = conn.execute("SELECT request_id, status FROM requests ORDER BY 1").fetchall()
+    assert rows == [("r1", "ok (unreported)"), ("r2", "ok")]
 
 
 def test_commits_are_fsynced(db: StateDB) -> None:
@@ -280,6 +343,7 @@ CRASH_CHILD = """
 import os, signal, sys
 from datetime import UTC, datetime
 from pathlib import Path
+from mailsh.protocol import ReplyStatus
 from mailsh.server.state import MailToQueue, MessageState, StateDB
 db = StateDB(Path(sys.argv[1]))
 def claim(rid, spool):
@@ -288,7 +352,7 @@ def claim(rid, spool):
                              issued_at=datetime.now(UTC), request_sha256="h", spool_id=spool)
 if sys.argv[2] == "finish-one":
     claim("r0", "m0")
-    assert db.requests.settle(signer="FPR", request_id="r0", status="ok", reason=None,
+    assert db.requests.settle(signer="FPR", request_id="r0", status=ReplyStatus.OK, reason=None,
                               message_state=MessageState.REPLIED,
                               reply=MailToQueue(to_addr="a@x", from_addr="s@x", message=b"r"))
 claim("r1", "m1")
@@ -547,7 +611,7 @@ def test_counts_and_last_errors(db: StateDB, clock: Clock) -> None:
         "executing": 1,
         "replied": 0,
         "rejected": 0,
-        "outcome_unknown": 0,
+        "outcome-unknown": 0,
         "duplicate": 1,
         "unreported": 0,
         "discarded": 2,
