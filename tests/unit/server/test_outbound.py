@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from mailsh.server.outbound import OutboundWorker, mailer_from_settings
+from mailsh.server.outbound import ReplySender, send_mail_from_settings
 from mailsh.server.state import MailToQueue, StateDB
 from mailsh.settings import load_settings
 
@@ -60,7 +60,8 @@ def test_flush_sends_more_than_one_lease_of_replies(
                     message=f"Subject: reply {i}\r\n\r\nreply {i}\r\n".encode(),
                 ),
             )
-        worker = OutboundWorker(db, mailer_from_settings(load_settings(home=tmp_path, smtp=url)))
+        settings = load_settings(home=tmp_path, smtp=url)
+        worker = ReplySender(db, send_mail_from_settings(settings), settings)
         assert worker.flush() == count
         assert db.outbox.lease(datetime.now(UTC), lease=timedelta(minutes=5)) == []
     assert sorted(data.split(b"\r\n")[0] for _, data in recorder.received) == sorted(
