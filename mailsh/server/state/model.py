@@ -72,7 +72,7 @@ class MessageRecord:
     spool_id: str
     source: str
     size: int
-    sha256: str | None  # None until record_message (begin_processing may come first)
+    sha256: str | None  # None until Messages.record (begin_processing may come first)
     state: MessageState
     reason: str | None
     signer: str | None

@@ -40,7 +40,7 @@ def smtp() -> Iterator[tuple[str, _Recorder]]:
 def test_flush_sends_more_than_one_lease_of_replies(
     tmp_path: Path, smtp: tuple[str, _Recorder]
 ) -> None:
-    # 150 queued replies: more than one lease_outbound batch (100); found by ./dev bench,
+    # 150 queued replies: more than one outbox.lease batch (100); found by ./dev bench,
     # where serve --once left 300 of 500 replies queued.
     url, recorder = smtp
     count = 150
