@@ -21,6 +21,7 @@ BUSY_TIMEOUT = 30.0
 #: Retry delays for outbound mail: BACKOFF_BASE * 2**(attempts-1), at most BACKOFF_CAP.
 BACKOFF_BASE = timedelta(minutes=1)
 BACKOFF_CAP = timedelta(hours=1)
+#: Characters of a failed send's error that are kept.
 MAX_ERROR_CHARS = 2000
 _TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
@@ -165,7 +166,8 @@ def parse_timestamp(text: str) -> datetime:
 
 def from_row(cls: type[Record], row: Sequence[Any]) -> Record:
     """A ``cls`` record from a row whose columns are its fields, in order: timestamps
-    parsed, states made :class:`MessageState`."""
+    parsed, states made :class:`MessageState` (by the field types as written here:
+    this module's annotations are strings)."""
     return cls(*(_column(spec.type, value) for spec, value in zip(fields(cls), row, strict=True)))
 
 
