@@ -13,6 +13,7 @@ Exit codes follow ssh: the remote command's status passes through unchanged
 from __future__ import annotations
 
 import enum
+from typing import ClassVar
 
 
 class ExitCode(enum.IntEnum):
@@ -94,6 +95,18 @@ class ProtocolError(MailshError):
 
 class TransportError(MailshError):
     """Sending or receiving mail failed (SMTP, sendmail, IMAP, mailbox files)."""
+
+
+class TransportTempError(TransportError):
+    """A sending failure where trying again later may succeed."""
+
+    temporary: ClassVar[bool] = True
+
+
+class HandoffUnknownError(TransportTempError):
+    """The mail may or may not have been accepted: the connection failed after the message
+    itself started to go out (SMTP DATA), or sendmail was killed or timed out. A caller
+    must treat the message as possibly sent (a request may run)."""
 
 
 class WaitTimeoutError(MailshError):
