@@ -114,7 +114,8 @@ class WaitTimeoutError(MailshError):
 
 
 class StateError(MailshError):
-    """The state database is unusable."""
+    """A durable store is unusable: the state database, the server's spool
+    (``mailsh.server.spool.SpoolError``) or the client's pending requests."""
 
 
 class DeliveryTempFailError(MailshError):

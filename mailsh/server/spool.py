@@ -40,7 +40,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mailsh.errors import TransportError
+from mailsh.errors import StateError
 from mailsh.text import escape
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ _MAX_REASON_CHARS = 2000
 TMP_MAX_AGE = 36 * 3600.0
 
 
-class SpoolError(TransportError):
+class SpoolError(StateError):
     """The spool could not store, move or read a message."""
 
 
