@@ -20,13 +20,13 @@ import contextlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from mailsh.errors import MailshError, StateError
+from mailsh.fsio import atomic_write
 
 PENDING_FORMAT = "mailsh.pending.v1"
 PENDING_DIR = "pending"
@@ -146,21 +146,7 @@ class PendingStore:
         data = (json.dumps(record.to_json(), indent=2, sort_keys=True) + "\n").encode()
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".pending.", dir=self.directory)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            atomic_write(target, data, prefix=".pending.")
         except OSError as exc:
             raise StateError(
                 f"cannot record the pending request in {self.directory}: {exc.strerror}",

@@ -38,6 +38,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+from mailsh.fsio import atomic_write
+
 log = logging.getLogger(__name__)
 
 PARENT_PREFIX = "mailsh-serve-"
@@ -256,10 +258,10 @@ def record(home: Path, containment: Containment) -> None:
         "pid": os.getpid(),
         "since": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    tmp = home / f".{RECORD_NAME}.{os.getpid()}"
     try:
-        tmp.write_text(json.dumps(doc) + "\n", encoding="utf-8")
-        tmp.replace(home / RECORD_NAME)
+        atomic_write(
+            home / RECORD_NAME, (json.dumps(doc) + "\n").encode(), prefix=f".{RECORD_NAME}."
+        )
     except OSError as exc:
         log.warning("cannot record the containment mode in %s: %s", home, exc.strerror)
 
