@@ -13,7 +13,10 @@ Exit codes follow ssh: the remote command's status passes through unchanged
 from __future__ import annotations
 
 import enum
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class ExitCode(enum.IntEnum):
@@ -122,3 +125,10 @@ class DeliveryTempFailError(MailshError):
     """``mailsh deliver`` could not make a message durable; the MTA must retry."""
 
     exit_code = ExitCode.TEMPFAIL
+
+
+def first_validation_error(exc: ValidationError) -> tuple[str, str]:
+    """Where and what of the first error pydantic found, to make one line of: the dotted
+    location (``audience.address``; ``""`` for a rule across fields) and pydantic's message."""
+    first = exc.errors()[0]
+    return ".".join(str(p) for p in first["loc"]), str(first["msg"])

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 from mailsh.errors import MailshError, StateError
 from mailsh.fsio import atomic_write
+from mailsh.protocol import REQUEST_ID_RE
 
 PENDING_FORMAT = "mailsh.pending.v1"
 PENDING_DIR = "pending"
@@ -35,8 +35,6 @@ KEEP_RECORDS = timedelta(days=30)
 
 COMMAND_PREVIEW = 200
 """How much of the command a record keeps, to show it in ``mailsh status``."""
-
-_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 class UnknownRequestError(MailshError):
@@ -122,7 +120,7 @@ def _utc(value: object) -> datetime:
 
 def check_request_id(request_id: str) -> str:
     """``request_id`` if it looks like one mailsh send prints; else UnknownRequestError."""
-    if not _ID_RE.match(request_id):
+    if not REQUEST_ID_RE.match(request_id):
         raise UnknownRequestError(
             f"{request_id[:80]!r} is not a request id (32 lowercase hex characters)",
             hint="use the id that mailsh send printed",
@@ -191,7 +189,7 @@ class PendingStore:
             raise StateError(f"cannot list {self.directory}: {exc.strerror}") from exc
         for name in names:
             stem = name.removesuffix(".json")
-            if not name.endswith(".json") or not _ID_RE.match(stem):
+            if not name.endswith(".json") or not REQUEST_ID_RE.match(stem):
                 continue
             with contextlib.suppress(MailshError):
                 out.append(self.load(stem))

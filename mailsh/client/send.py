@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from mailsh.client.pending import MboxMark, PendingRequest, PendingStore
-from mailsh.errors import ConfigError, HandoffUnknownError, MailshError, TrustError, UsageError
+from mailsh.errors import (
+    ConfigError,
+    HandoffUnknownError,
+    MailshError,
+    TrustError,
+    UsageError,
+    first_validation_error,
+)
 from mailsh.mail.transport import Transport, transport_from_settings
 
 if TYPE_CHECKING:
@@ -85,10 +92,9 @@ def build_request(
             timeout=timeout,
         )
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "request"
+        where, what = first_validation_error(exc)
         raise UsageError(
-            f"cannot build the request: {where}: {first['msg']}",
+            f"cannot build the request: {where or 'request'}: {what}",
             hint="check the command, --stdin and --timeout",
         ) from exc
 
