@@ -1,4 +1,4 @@
-"""open_request / open_reply against hostile mails: the server-side accepting path."""
+"""open_request / open_answer against hostile mails: the server-side accepting path."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from mailsh import protocol, seal
 from mailsh.errors import ProtocolError
 from mailsh.keys.crypto import seal as pgp_seal
 from mailsh.keys.trust import TrustStore, add_trusted_key, load_trust
+from mailsh.mail.message import read_mail
 from mailsh.protocol import Audience, Reply, ReplyStatus, Request
 from mailsh.seal import AuthenticatedRejectionError, SealedRequest, VerifiedRequest
 from tests.attacks import forge
@@ -90,18 +91,27 @@ def seal_req(
     )
 
 
-def open_req(w: World, raw: bytes, trust: TrustStore | None = None, **over: Any) -> VerifiedRequest:
-    kw: dict[str, Any] = {
-        "trust": trust or w.server_trust,
-        "server_addresses": [SERVER],
-        "server_fingerprint": w.server.fingerprint,
-        "now": now(),
+def open_req(
+    w: World,
+    raw: bytes,
+    trust: TrustStore | None = None,
+    at: datetime | None = None,
+    **over: Any,
+) -> VerifiedRequest:
+    """What the server does with ``raw``: read it, then open it (``over``: the policy)."""
+    fields: dict[str, Any] = {
+        "addresses": (SERVER,),
+        "fingerprint": w.server.fingerprint,
         "max_skew": SKEW,
         "max_age": AGE,
         "max_bytes": MAX,
     }
-    kw.update(over)
-    return seal.open_request(w.server.gpg, raw, **kw)
+    fields.update(over)
+    policy = seal.OpenPolicy(**fields)
+    mail = read_mail(raw, max_bytes=policy.max_bytes)
+    return seal.open_request(
+        w.server.gpg, mail, policy, trust=trust or w.server_trust, now=at or now()
+    )
 
 
 def signed_bytes_mail(w: World, payload: bytes, *, by: Home | None = None) -> bytes:
@@ -250,7 +260,7 @@ def test_future_dated_signature(world: World) -> None:
 
 def test_stale_signature(world: World) -> None:
     sealed = seal_req(world, make_request(world))
-    err = rejected(lambda: open_req(world, sealed.mail, now=now() + timedelta(days=2)))
+    err = rejected(lambda: open_req(world, sealed.mail, at=now() + timedelta(days=2)))
     assert err.reason == "signature-too-old"
 
 
@@ -535,7 +545,7 @@ def _reply_mail(
 
 
 def _open_reply(world: World, raw: bytes, sealed: SealedRequest) -> Reply:
-    return seal.open_reply(
+    found = seal.open_answer(
         world.alice.gpg,
         raw,
         trust=world.alice_trust,
@@ -543,8 +553,11 @@ def _open_reply(world: World, raw: bytes, sealed: SealedRequest) -> Reply:
         request_id=sealed.request.request_id,
         request_sha256=sealed.payload_sha256,
         now=now(),
+        max_skew=timedelta(seconds=world.alice.settings.reply_clock_skew),
         max_bytes=MAX,
     )
+    assert isinstance(found, Reply)
+    return found
 
 
 def test_reply_round_trip(world: World) -> None:
