@@ -22,6 +22,9 @@ Every message ends in exactly one recorded state (docs/security.md P9):
 - anything that crashes the pipeline twice before a claim: ``quarantined`` (P11).
 
 What is said to the signer, and how it is sealed, is :mod:`mailsh.server.replies`.
+
+This module is over the ~400-line guide on purpose: every path that takes or ends a
+claim (run, reject, copy, settle) is here, so the exactly-once rules read in one place.
 """
 
 from __future__ import annotations
@@ -230,15 +233,7 @@ class Processor:
         )
         if not recorded:  # another copy was taken in between
             return self._duplicate(msg, trust, to)
-        self._queued(mail)
-        decision(
-            "rejected",
-            message=msg.id,
-            signer=to.signer,
-            request=to.request_id,
-            reason=reason,
-            reported=mail is not None,
-        )
+        self._reported("rejected", msg.id, to, mail, reason=reason)
         return MessageState.REJECTED if mail is not None else MessageState.UNREPORTED
 
     def _run(
@@ -414,14 +409,7 @@ class Processor:
             reply=mail,
         )
         if settled:
-            self._queued(mail)
-            decision(
-                "outcome-unknown",
-                message=claim.spool_id,
-                signer=claim.signer,
-                request=claim.request_id,
-                reported=mail is not None,
-            )
+            self._reported("outcome-unknown", claim.spool_id, to, mail)
         return settled
 
     def settle_abandoned(self, running: Collection[str] = (), *, mine_too: bool = False) -> int:
@@ -448,6 +436,20 @@ class Processor:
     def _queued(self, mail: MailToQueue | None) -> None:
         if mail is not None and callable(self._notify):
             self._notify()
+
+    def _reported(
+        self, event: str, spool_id: str, to: Addressee, mail: MailToQueue | None, **fields: object
+    ) -> None:
+        """An outcome was recorded: wake the sender if it was sealed, and log it."""
+        self._queued(mail)
+        decision(
+            event,
+            message=spool_id,
+            signer=to.signer,
+            request=to.request_id,
+            **fields,
+            reported=mail is not None,
+        )
 
 
 def _addressee(request: seal.VerifiedRequest) -> Addressee:
