@@ -21,6 +21,7 @@ from mailsh.keys.trust import TrustStore, add_trusted_key, load_trust
 from mailsh.mail.message import read_mail
 from mailsh.protocol import Audience, Reply, ReplyStatus, Request
 from mailsh.seal import AuthenticatedRejectionError, SealedRequest, VerifiedRequest
+from mailsh.settings import load_settings
 from tests.attacks import forge
 from tests.conftest import Home
 
@@ -146,6 +147,26 @@ def test_request_round_trip(world: World, encrypt: bool) -> None:
     assert got.payload_sha256 == sealed.payload_sha256
     assert got.message_id == sealed.message_id
     assert not got.plain_script
+
+
+def test_the_servers_policy_is_its_settings(tmp_path: Path) -> None:
+    """serve builds its one OpenPolicy from exactly these settings."""
+    settings = load_settings(
+        home=tmp_path,
+        clock_skew=7,
+        max_request_age=9,
+        max_message_bytes=11,
+        require_encryption=True,
+    )
+    policy = seal.OpenPolicy.from_settings(settings, addresses=[SERVER], fingerprint="F" * 40)
+    assert policy == seal.OpenPolicy(
+        addresses=(SERVER,),
+        fingerprint="F" * 40,
+        max_skew=timedelta(seconds=7),
+        max_age=timedelta(seconds=9),
+        max_bytes=11,
+        require_encrypted=True,
+    )
 
 
 def test_verified_request_cannot_be_built_directly() -> None:
@@ -558,6 +579,11 @@ def _open_reply(world: World, raw: bytes, sealed: SealedRequest) -> Reply:
     )
     assert isinstance(found, Reply)
     return found
+
+
+def test_reply_clock_skew_is_ten_minutes_unless_set(tmp_path: Path) -> None:
+    assert load_settings(home=tmp_path).reply_clock_skew == 600
+    assert load_settings(home=tmp_path, reply_clock_skew=5).reply_clock_skew == 5
 
 
 def test_reply_round_trip(world: World) -> None:
