@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     )
     max_message_bytes: int = Field(default=10 * MiB, gt=0)
     clock_skew: int = Field(default=300, ge=0, description="seconds of clock skew tolerated")
+    reply_clock_skew: int = Field(
+        default=600, ge=0, description="client: seconds of clock skew tolerated in a reply"
+    )
     max_request_age: int = Field(default=86_400, gt=0, description="oldest request accepted, s")
     command_timeout: float = Field(default=60.0, gt=0)
     max_command_timeout: float = Field(default=3600.0, gt=0)
