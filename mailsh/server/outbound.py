@@ -31,14 +31,14 @@ class SettingsSendMail:
     of replies shares one SMTP connection (:meth:`session`)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.outbound = transport_from_settings(settings)
+        self.transport = transport_from_settings(settings)
 
     def __call__(self, mail_from: str, rcpt_to: str, message: bytes) -> None:
-        self.outbound.submit(mail_from=mail_from, rcpt_to=[rcpt_to], message=message)
+        self.transport.submit(mail_from=mail_from, rcpt_to=[rcpt_to], message=message)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[SendMail]:
-        with self.outbound.session() as submit:
+        with self.transport.session() as submit:
 
             def send(mail_from: str, rcpt_to: str, message: bytes) -> None:
                 submit(mail_from=mail_from, rcpt_to=[rcpt_to], message=message)
