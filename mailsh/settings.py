@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     max_command_timeout: float = Field(default=3600.0, gt=0)
     max_output_bytes: int = Field(default=1 * MiB, gt=0, description="per stream")
     workers: int = Field(default=1, ge=1, le=64)
+    claim_sweep_interval: float = Field(
+        default=30.0, gt=0, description="seconds between looks for claims of dead serve processes"
+    )
     run_as: str | None = None
     max_processes: int | None = Field(
         default=None,
@@ -145,6 +148,18 @@ class Settings(BaseSettings):
     )
     reply_summary: bool = Field(
         default=False, description="status and exit code readable in the reply's clear text"
+    )
+    reply_lease: float = Field(
+        default=300.0,
+        gt=0,
+        description="seconds a serve process holds the replies it is sending before another "
+        "serve sharing the home may send them",
+    )
+    reply_check_interval: float = Field(
+        default=30.0, gt=0, description="longest wait between two looks at the reply queue"
+    )
+    reply_permanent_attempts: int = Field(
+        default=5, ge=1, description="sends of a reply failing permanently before it is given up"
     )
 
     # -- embedded SMTP listener limits (serve --smtp-listen; docs/server.md) ----------------

@@ -73,7 +73,7 @@ class StatusContext:
 
     @cached_property
     def counts(self) -> dict[str, int]:
-        return self.state.counts()
+        return self.state.report.counts()
 
     @cached_property
     def identity(self) -> Identity | None:
@@ -162,7 +162,7 @@ def queue_section(ctx: StatusContext) -> Section | None:
         return None
     counts = ctx.counts
     pending = _count_files(ctx.settings.spool_dir / "new")[0]
-    next_retry = _when(ctx.state.next_outbound_attempt())
+    next_retry = _when(ctx.state.outbox.next_due())
     data = {
         "spool_pending": pending,
         "received": counts["received"],
@@ -194,7 +194,7 @@ def messages_section(ctx: StatusContext) -> Section | None:
 
     counts = ctx.counts
     data = {state.value: counts[state.value] for state in MessageState}
-    rows = [(state.replace("_", " "), str(n)) for state, n in data.items()]
+    rows = [(state.replace("-", " "), str(n)) for state, n in data.items()]
     return Section("messages", "messages by state", data, rows=rows)
 
 
@@ -273,7 +273,7 @@ def problems_section(ctx: StatusContext) -> Section | None:
         return None
     data = [
         {"state": c.state.value, "reason": c.reason, "count": c.count, "last_at": _when(c.last_at)}
-        for c in ctx.state.problem_counts()
+        for c in ctx.state.report.problem_counts()
     ]
     return Section(
         "problems",
@@ -290,7 +290,7 @@ def errors_section(ctx: StatusContext) -> Section | None:
         return None
     data = [
         {"at": _when(e.at), "kind": e.kind, "ref": e.ref, "error": e.error}
-        for e in ctx.state.last_errors()
+        for e in ctx.state.report.last_errors()
     ]
     return Section(
         "last_errors",
@@ -312,7 +312,7 @@ def recent_section(ctx: StatusContext) -> Section | None:
             "signer": m.signer,
             "request_id": m.request_id,
         }
-        for m in ctx.state.recent_decisions(RECENT_DECISIONS)
+        for m in ctx.state.report.recent_decisions(RECENT_DECISIONS)
     ]
     return Section(
         "recent",

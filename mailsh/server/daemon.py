@@ -38,7 +38,7 @@ from mailsh.server.cgroup import Containment
 from mailsh.server.diskspace import SpaceGuard
 from mailsh.server.intake.maildir import MaildirIntake
 from mailsh.server.intake.mbox import MboxIntake
-from mailsh.server.outbound import Mailer, OutboundWorker, mailer_from_settings
+from mailsh.server.outbound import ReplySender, SendMail, send_mail_from_settings
 from mailsh.server.processor import Processor, ServerIdentity
 from mailsh.server.retention import Pruner
 from mailsh.server.spool import Spool, SpooledMessage
@@ -59,8 +59,6 @@ class ServeOptions:
 
 
 MIN_AIOSMTPD = (1, 4, 6)
-#: Seconds between looks for claims of serve processes that died beside this one.
-CLAIM_SWEEP_INTERVAL = 30.0
 LOOP_BACKOFF_START = 0.5
 """Seconds the main loop waits after a failed iteration (doubled while failures repeat)."""
 LOOP_BACKOFF_MAX = 30.0
@@ -145,7 +143,7 @@ def server_identity(settings: Settings, gpg: Gpg) -> ServerIdentity:
 
 class Server:
     def __init__(
-        self, settings: Settings, options: ServeOptions, *, mailer: Mailer | None = None
+        self, settings: Settings, options: ServeOptions, *, mailer: SendMail | None = None
     ) -> None:
         check_dependencies(smtp_listener=options.smtp_listen is not None)
         check_serve_home(settings)  # P15: home, GnuPG home and trust store are ours alone
@@ -157,7 +155,9 @@ class Server:
         self.identity = server_identity(settings, self.gpg)
         self.state = StateDB(settings.state_db)
         self.spool = Spool(settings.spool_dir)
-        self.outbound = OutboundWorker(self.state, mailer or mailer_from_settings(settings))
+        self.outbound = ReplySender(
+            self.state, mailer or send_mail_from_settings(settings), settings
+        )
         # Bounded disk (retention.py, diskspace.py): prune in the background; pause intake
         # below the free-space floor, and prune early when that happens.
         self.pruner = Pruner(settings, self.spool, self.state)
@@ -457,7 +457,7 @@ class Server:
 
     def sweep_if_due(self) -> None:
         """Notice claims of serve processes that died beside this one (about a minute)."""
-        if time.monotonic() - self._last_sweep >= CLAIM_SWEEP_INTERVAL:
+        if time.monotonic() - self._last_sweep >= self.settings.claim_sweep_interval:
             try:
                 self.report_unfinished()
             except Exception:

@@ -4,8 +4,8 @@ Replies are queued durably in the state database by the processor. This worker s
 what is due through ``--smtp URL`` or ``--sendmail PATH``; a failed send stays queued
 and is retried with exponential backoff, across restarts (P9). Permanent failures are
 retried too, but fewer times, since an operator can often fix them (wrong password,
-missing CA file); after ``MAX_PERMANENT_ATTEMPTS`` the reply is parked as failed and
-shown by ``mailsh status``.
+missing CA file); after ``reply_permanent_attempts`` (a setting) the reply is parked as
+failed and shown by ``mailsh status``.
 """
 
 from __future__ import annotations
@@ -14,33 +14,31 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from mailsh.errors import TransportError
 from mailsh.mail.transport import is_temporary, transport_from_settings
-from mailsh.server.state import Outbound as QueuedReply
-from mailsh.server.state import StateDB, next_backoff
+from mailsh.server.state import QueuedReply, StateDB, next_backoff
 from mailsh.settings import Settings
 
 log = logging.getLogger("mailsh.server")
 
-Mailer = Callable[[str, str, bytes], None]  # (mail_from, rcpt_to, message)
-MAX_PERMANENT_ATTEMPTS = 5
+SendMail = Callable[[str, str, bytes], None]  # (mail_from, rcpt_to, message)
 
 
-class SettingsMailer:
+class SettingsSendMail:
     """Replies leave the way the settings say (``--smtp`` or ``--sendmail``); a burst
     of replies shares one SMTP connection (:meth:`session`)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.outbound = transport_from_settings(settings)
+        self.transport = transport_from_settings(settings)
 
     def __call__(self, mail_from: str, rcpt_to: str, message: bytes) -> None:
-        self.outbound.submit(mail_from=mail_from, rcpt_to=[rcpt_to], message=message)
+        self.transport.submit(mail_from=mail_from, rcpt_to=[rcpt_to], message=message)
 
     @contextlib.contextmanager
-    def session(self) -> Iterator[Mailer]:
-        with self.outbound.session() as submit:
+    def session(self) -> Iterator[SendMail]:
+        with self.transport.session() as submit:
 
             def send(mail_from: str, rcpt_to: str, message: bytes) -> None:
                 submit(mail_from=mail_from, rcpt_to=[rcpt_to], message=message)
@@ -48,28 +46,35 @@ class SettingsMailer:
             yield send
 
 
-def mailer_from_settings(settings: Settings) -> Mailer:
+def send_mail_from_settings(settings: Settings) -> SendMail:
     """Replies leave the way the settings say (``--smtp`` or ``--sendmail``)."""
-    return SettingsMailer(settings)
+    return SettingsSendMail(settings)
 
 
 @contextlib.contextmanager
-def _burst(mailer: Mailer) -> Iterator[Mailer]:
-    """``mailer`` for several replies in a row: its session when it has one."""
-    session = getattr(mailer, "session", None)
+def _burst(send_mail: SendMail) -> Iterator[SendMail]:
+    """``send_mail`` for several replies in a row: its session when it has one."""
+    session = getattr(send_mail, "session", None)
     if session is None:
-        yield mailer
+        yield send_mail
         return
     with session() as send:
         yield send
 
 
-class OutboundWorker:
-    """Sends due replies; ``kick()`` wakes it when the processor queued one."""
+class ReplySender:
+    """Sends the due replies of the outbox; ``kick()`` wakes it when one was queued.
 
-    def __init__(self, state: StateDB, mailer: Mailer) -> None:
+    ``reply_lease``, ``reply_check_interval`` and ``reply_permanent_attempts`` of
+    ``settings`` bound it (docs/server.md "Settings").
+    """
+
+    def __init__(self, state: StateDB, send_mail: SendMail, settings: Settings) -> None:
         self.state = state
-        self.mailer = mailer
+        self.send_mail = send_mail
+        self.lease = timedelta(seconds=settings.reply_lease)
+        self.check_interval = settings.reply_check_interval
+        self.permanent_attempts = settings.reply_permanent_attempts
         self._wake = threading.Event()
         self._flushing = threading.Lock()  # one sender at a time: never send a reply twice
         self._stop = threading.Event()
@@ -92,13 +97,13 @@ class OutboundWorker:
             return total
 
     def _flush(self) -> int:
-        items = self.state.lease_outbound(datetime.now(UTC))
+        items = self.state.outbox.lease(datetime.now(UTC), lease=self.lease)
         if not items:
             return 0
-        with _burst(self.mailer) as send:
+        with _burst(self.send_mail) as send:
             return self._send(items, send)
 
-    def _send(self, items: list[QueuedReply], send: Mailer) -> int:
+    def _send(self, items: list[QueuedReply], send: SendMail) -> int:
         sent = 0
         for item in items:
             try:
@@ -106,12 +111,12 @@ class OutboundWorker:
             except TransportError as exc:
                 attempts = item.attempts + 1
                 temporary = is_temporary(exc)
-                if not temporary and attempts >= MAX_PERMANENT_ATTEMPTS:
-                    self.state.mark_failed(item.id, exc.message, None)
+                if not temporary and attempts >= self.permanent_attempts:
+                    self.state.outbox.mark_failed(item.id, exc.message, None)
                     log.error("giving up on reply %s to %s: %s", item.id, item.to_addr, exc)
                     continue
                 when = datetime.now(UTC) + next_backoff(attempts)
-                self.state.mark_failed(item.id, exc.message, when)
+                self.state.outbox.mark_failed(item.id, exc.message, when)
                 log.warning(
                     "reply %s to %s not sent (%s); retry at %s",
                     item.id,
@@ -122,11 +127,11 @@ class OutboundWorker:
                 continue
             except Exception:  # never let one reply kill the worker
                 log.exception("sending reply %s failed unexpectedly", item.id)
-                self.state.mark_failed(
+                self.state.outbox.mark_failed(
                     item.id, "internal error", datetime.now(UTC) + next_backoff(item.attempts + 1)
                 )
                 continue
-            self.state.mark_sent(item.id)
+            self.state.outbox.mark_sent(item.id)
             log.info("reply %s sent to %s", item.id, item.to_addr)
             sent += 1
         return sent
@@ -145,10 +150,10 @@ class OutboundWorker:
             self._wake.clear()
 
     def _next_wait(self) -> float:
-        due = self.state.next_outbound_due()
+        due = self.state.outbox.next_due()
         if due is None:
-            return 30.0
-        return max(0.05, min(30.0, (due - datetime.now(UTC)).total_seconds()))
+            return self.check_interval
+        return max(0.05, min(self.check_interval, (due - datetime.now(UTC)).total_seconds()))
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()

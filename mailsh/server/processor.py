@@ -16,7 +16,7 @@ Every message ends in exactly one recorded state (docs/security.md P9):
 - a copy of a request already taken (duplicate delivery, loop, replay): ``duplicate``;
   never run, never a second outcome, at most one notice per request
   (docs/protocol.md section 9);
-- a claim whose process died (crash, SIGKILL) is settled ``outcome_unknown`` and
+- a claim whose process died (crash, SIGKILL) is settled ``outcome-unknown`` and
   reported once, by whichever serve process notices first; a live process's claim is
   never answered by another;
 - anything that crashes the pipeline twice before a claim: ``quarantined`` (P11).
@@ -74,10 +74,9 @@ def decision(event: str, **fields: object) -> None:
 def _original_state(claim: ClaimedRequest) -> OriginalState:
     if claim.finished_at is None:
         return OriginalState.RUNNING
-    status = claim.status or ""
-    if status.startswith("outcome-unknown"):
+    if claim.status is ReplyStatus.OUTCOME_UNKNOWN:
         return OriginalState.OUTCOME_UNKNOWN
-    if status.endswith("(unreported)"):
+    if not claim.reported:
         return OriginalState.UNREPORTED
     return OriginalState.FINISHED
 
@@ -121,13 +120,15 @@ class Processor:
         died (or by an earlier failed pass of this one) and is settled, never re-run.
         """
         try:
-            existing = self.state.message(msg.id)
+            existing = self.state.messages.get(msg.id)
             if existing is not None and existing.state.is_final:
                 self.spool.finish(msg)  # crashed after recording, before moving
                 return existing.state
             if existing is not None and existing.state is MessageState.EXECUTING:
                 return self._settle_message(msg)
-            attempts = self.state.begin_processing(msg.id, source=msg.source, size=msg.size)
+            attempts = self.state.messages.begin_processing(
+                msg.id, source=msg.source, size=msg.size
+            )
             if attempts > MAX_ATTEMPTS:
                 return self._quarantine(msg, f"processing failed {attempts - 1} times")
             final = self._process(msg)
@@ -140,7 +141,7 @@ class Processor:
     def _contain(self, msg: SpooledMessage, exc: Exception) -> MessageState:
         """After an unexpected failure: settle a claim the message holds, else quarantine."""
         try:
-            record = self.state.message(msg.id)
+            record = self.state.messages.get(msg.id)
             if record is not None and record.state is MessageState.EXECUTING:
                 return self._settle_message(msg)
             return self._quarantine(msg, f"internal error: {type(exc).__name__}: {exc}")
@@ -149,13 +150,13 @@ class Processor:
             return MessageState.RECEIVED
 
     def _quarantine(self, msg: SpooledMessage, reason: str) -> MessageState:
-        self.state.set_message_state(msg.id, MessageState.QUARANTINED, reason=reason)
+        self.state.messages.set_state(msg.id, MessageState.QUARANTINED, reason=reason)
         self.spool.quarantine(msg, reason)
         decision("quarantined", message=msg.id, reason=reason)
         return MessageState.QUARANTINED
 
     def _discard(self, msg: SpooledMessage, reason: str, **fields: object) -> MessageState:
-        self.state.set_message_state(msg.id, MessageState.DISCARDED, reason=reason)
+        self.state.messages.set_state(msg.id, MessageState.DISCARDED, reason=reason)
         decision("discarded", message=msg.id, reason=reason, **fields)
         return MessageState.DISCARDED
 
@@ -166,7 +167,7 @@ class Processor:
             raw = self.spool.read(msg, self.policy.max_bytes)
         except MessageTooLarge:
             return self._discard(msg, "too-large", size=msg.size)
-        self.state.record_message(
+        self.state.messages.record(
             msg.id, source=msg.source, size=len(raw), sha256=hashlib.sha256(raw).hexdigest()
         )
         try:
@@ -218,11 +219,11 @@ class Processor:
     ) -> MessageState:
         """An authenticated request's one outcome is "rejected" (unless it was taken before:
         then this is a copy). Reported when a reply can be encrypted to the signer."""
-        if self.state.find_claim(to.signer, to.request_id) is not None:
+        if self.state.requests.find(to.signer, to.request_id) is not None:
             return self._duplicate(msg, trust, to)
         why = f"{reason}: {detail}"
         mail = self.replies.seal(trust, to, self.replies.rejected(to, why))
-        recorded = self.state.record_rejection(
+        recorded = self.state.requests.record_rejection(
             spool_id=msg.id,
             signer=to.signer,
             request_id=to.request_id,
@@ -240,7 +241,7 @@ class Processor:
         self, msg: SpooledMessage, trust: TrustStore, request: seal.VerifiedRequest, to: Addressee
     ) -> MessageState:
         s = self.settings
-        claimed = self.state.claim_request(
+        claimed = self.state.requests.claim(
             signer=request.signer,
             request_id=request.request_id,
             signature_id=request.signature_id,
@@ -310,17 +311,17 @@ class Processor:
         if mail is None:
             final, status = MessageState.UNREPORTED, f"{status} (unreported)"
             decision("unreported", message=msg.id, request=to.request_id, status=status)
-        settled = self.state.settle_claim(
+        settled = self.state.requests.settle(
             signer=to.signer,
             request_id=to.request_id,
-            status=status,
+            status=reply.status,
             message_state=final,
             reason=reply.reason,
             reply=mail,
         )
         if not settled:  # given up on at shutdown and already reported outcome-unknown
             log.warning("request %s finished after it was reported", to.request_id)
-            return self.state.message_state(msg.id) or MessageState.OUTCOME_UNKNOWN
+            return self.state.messages.state(msg.id) or MessageState.OUTCOME_UNKNOWN
         self._queued(mail)
         return final
 
@@ -334,9 +335,9 @@ class Processor:
         whose claimant died settles that claim first (outcome unknown, reported once).
         """
         signer, request_id = to.signer, to.request_id
-        original = self.state.find_claim(signer, request_id)
+        original = self.state.requests.find(signer, request_id)
         if original is None:  # only its signature was seen (a claim of an older version)
-            self.state.set_message_state(
+            self.state.messages.set_state(
                 msg.id,
                 MessageState.DUPLICATE,
                 reason="copy of an earlier request",
@@ -347,12 +348,12 @@ class Processor:
             return MessageState.DUPLICATE
         if original.finished_at is None and claimant.is_gone(original.claimed_by):
             self.settle_claim(original)
-            original = self.state.find_claim(signer, request_id) or original
+            original = self.state.requests.find(signer, request_id) or original
         was = _original_state(original)
         mail = None
         if original.notice_sent_at is None:
             mail = self.replies.seal(trust, to, self.replies.notice(to, was))
-        queued = self.state.finish_duplicate(
+        queued = self.state.requests.finish_duplicate(
             spool_id=msg.id,
             signer=signer,
             request_id=request_id,
@@ -373,10 +374,10 @@ class Processor:
 
     def _settle_message(self, msg: SpooledMessage) -> MessageState:
         """A message left ``executing``: settle the claim it holds, then file it."""
-        record = self.state.message(msg.id)
+        record = self.state.messages.get(msg.id)
         claim = None
         if record is not None and record.signer and record.request_id:
-            claim = self.state.find_claim(record.signer, record.request_id)
+            claim = self.state.requests.find(record.signer, record.request_id)
         if claim is None or claim.spool_id != msg.id:
             return self._quarantine(msg, "executing without a claim of its own")
         if claim.finished_at is None and not (
@@ -385,7 +386,7 @@ class Processor:
             return MessageState.EXECUTING  # a live process holds it: never answer for it
         self.settle_claim(claim)
         self.spool.finish(msg)
-        current = self.state.message_state(msg.id)
+        current = self.state.messages.state(msg.id)
         return current if current is not None else MessageState.OUTCOME_UNKNOWN
 
     def settle_claim(self, claim: ClaimedRequest) -> bool:
@@ -400,10 +401,10 @@ class Processor:
         to = Addressee(claim.signer, claim.request_id, claim.request_sha256)
         trust = load_trust(self.settings.trust_file)
         mail = self.replies.seal(trust, to, self.replies.interrupted(to))
-        settled = self.state.settle_claim(
+        settled = self.state.requests.settle(
             signer=claim.signer,
             request_id=claim.request_id,
-            status="outcome-unknown" if mail is not None else "outcome-unknown (unreported)",
+            status=ReplyStatus.OUTCOME_UNKNOWN,
             message_state=MessageState.OUTCOME_UNKNOWN,
             reason="interrupted",
             reply=mail,
@@ -421,7 +422,7 @@ class Processor:
         others (no message state can keep serve from starting).
         """
         settled = 0
-        for claim in self.state.unfinished_requests():
+        for claim in self.state.requests.unfinished():
             try:
                 if claimant.is_me(claim.claimed_by):
                     if claim.spool_id in running and not mine_too:

@@ -94,7 +94,7 @@ def prune(spool: Spool, state: StateDB, policy: RetentionPolicy, now: datetime) 
         elif arrived < discard_until:
             maybe_discarded.append(msg)
     if maybe_discarded:
-        states = state.message_states([m.id for m in maybe_discarded])
+        states = state.messages.states([m.id for m in maybe_discarded])
         for msg in maybe_discarded:
             if states.get(msg.id) == MessageState.DISCARDED and spool.remove_done(msg):
                 files, freed = files + 1, freed + msg.size
@@ -103,9 +103,9 @@ def prune(spool: Spool, state: StateDB, policy: RetentionPolicy, now: datetime) 
     return PruneResult(
         files=files,
         bytes=freed,
-        messages=state.prune_messages(keep_until, keep=pending),
-        requests=state.prune_requests(now - policy.replay_window),
-        outbound=state.prune_outbound(keep_until),
+        messages=state.prune.messages(keep_until, keep=pending),
+        requests=state.prune.requests(now - policy.replay_window),
+        outbound=state.prune.outbox(keep_until),
     )
 
 

@@ -169,7 +169,7 @@ class Rig:
         )
         self.state = StateDB(self.settings.state_db)
         self._thread = threading.Thread(target=self.server.run, name="adv-serve", daemon=True)
-        counts = self.state.counts()  # the home may have served an earlier module's rig
+        counts = self.state.report.counts()  # the home may have served an earlier module's rig
         self.fed = sum(n for state, n in counts.items() if state in _FINAL)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -274,7 +274,7 @@ class Rig:
         """Wait until every accepted message reached a final state and nothing is queued."""
         deadline = time.monotonic() + timeout
         while True:
-            counts = self.state.counts()
+            counts = self.state.report.counts()
             final = sum(n for state, n in counts.items() if state in _FINAL)
             busy = counts["received"] + counts["executing"] + counts["outbound_pending"]
             if final >= self.fed and busy == 0 and not self.server.spool.pending():

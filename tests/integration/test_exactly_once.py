@@ -325,7 +325,7 @@ def test_duplicate_delivery_while_running_reports_the_real_outcome(
     assert marker.read_text() == "x\n"  # ran exactly once
     wait_until(lambda: filer.count >= 2, 60, "the notice and the reply")
     state = StateDB(srv.settings.state_db)
-    assert state.counts()["duplicate"] == 1
+    assert state.report.counts()["duplicate"] == 1
     # A later wait-reply finds the same truth (the notice in the mailbox is not it).
     [rid] = claimed_ids(srv)
     again = mailsh(carol, "wait-reply", rid, "--mbox", str(mbox), "--wait-timeout", "30")
@@ -351,7 +351,7 @@ def test_copies_after_the_end_get_no_mail(
     [notice] = notices_for(alice, srv, sealed, sink)
     assert notice.original is OriginalState.FINISHED
     assert len(sink.messages) == 2  # three copies cost one notice, not three mails
-    assert StateDB(settings.state_db).counts()["duplicate"] == 3
+    assert StateDB(settings.state_db).report.counts()["duplicate"] == 3
 
 
 # --------------------------------------------------------------------------- 3
@@ -403,7 +403,9 @@ def test_a_live_claim_is_never_answered_by_another_serve_and_a_dead_one_once(
         subprocess.run(["pkill", "-KILL", "-f", tag], check=False)
     # A copy after the crash, and a restart: nothing runs, nothing more is said.
     mbox_append(mbox, sealed.mail)
-    wait_until(lambda: StateDB(srv.settings.state_db).counts()["duplicate"] == 2, 60, "the copy")
+    wait_until(
+        lambda: StateDB(srv.settings.state_db).report.counts()["duplicate"] == 2, 60, "the copy"
+    )
     done = mailsh(srv, "serve", "--once", "--mbox", str(mbox), env=env)
     assert done.returncode == 0, done.stderr
     assert marker.read_text() == "x\n"
@@ -433,18 +435,18 @@ def test_a_failure_after_the_claim_ends_it_and_serve_still_starts(
     Server(settings, ServeOptions(mboxes=[mbox], once=True)).run()
     assert marker.read_text() == "x\n"
     state = StateDB(settings.state_db)
-    assert state.counts()["unreported"] == 1
-    assert state.unfinished_requests() == []
+    assert state.report.counts()["unreported"] == 1
+    assert state.requests.unfinished() == []
     assert sink.messages == []
 
     late = request(bob, srv, f"echo late >> {marker}")
     mbox_append(mbox, sealed.mail, late.mail)
     Server(settings, ServeOptions(mboxes=[mbox], once=True)).run()  # starts; no crash loop
     assert marker.read_text() == "x\n"  # neither the copy nor the late request ran
-    counts = state.counts()
+    counts = state.report.counts()
     assert (counts["unreported"], counts["duplicate"]) == (2, 1)
-    refused = [e for e in state.last_errors(10) if "no-encryption-key" in e.error]
-    assert refused, state.last_errors(10)
+    refused = [e for e in state.report.last_errors(10) if "no-encryption-key" in e.error]
+    assert refused, state.report.last_errors(10)
     status = mailsh(srv, "status", env=clean_env())
     assert status.returncode == 0 and b"no-encryption-key" in status.stdout + status.stderr
 
@@ -472,6 +474,6 @@ def test_reencoded_plain_script_signature_does_not_run_again(
     ).run()
 
     assert marker.read_text() == "x\n"  # the re-encoded copy is the same request
-    counts = StateDB(srv.settings.state_db).counts()
+    counts = StateDB(srv.settings.state_db).report.counts()
     assert (counts["replied"], counts["duplicate"]) == (1, 1)
     assert MessageState.DUPLICATE.value == "duplicate"

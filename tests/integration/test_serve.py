@@ -101,7 +101,7 @@ def test_replay_runs_once_even_rewrapped(
     assert notice.original is OriginalState.FINISHED
     assert notice.request_id == sealed.request.request_id
     assert len(sink.messages) == 2
-    counts = StateDB(srv.settings.state_db).counts()
+    counts = StateDB(srv.settings.state_db).report.counts()
     assert (counts["replied"], counts["duplicate"]) == (1, 2)
 
 
@@ -122,7 +122,7 @@ def test_unauthenticated_and_forged_mail_get_no_reply(
     serve_once(srv, sink, tmp_path, mboxes=[mbox])
     assert not marker.exists()
     assert sink.messages == []
-    counts = StateDB(srv.settings.state_db).counts()
+    counts = StateDB(srv.settings.state_db).report.counts()
     assert counts.get("discarded") == 3
 
 
@@ -238,7 +238,7 @@ def test_sigkill_during_command_reports_outcome_unknown_and_never_reruns(
     [reply] = replies_for(alice, srv, sealed, sink)
     assert reply.status is ReplyStatus.OUTCOME_UNKNOWN
     state = StateDB(srv.settings.state_db)
-    assert state.counts().get(MessageState.OUTCOME_UNKNOWN.value) == 1
+    assert state.report.counts().get(MessageState.OUTCOME_UNKNOWN.value) == 1
 
 
 def test_dependency_floor_is_checked_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:

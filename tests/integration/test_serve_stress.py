@@ -80,7 +80,7 @@ def test_500_requests_while_serving_each_run_exactly_once(
     assert len(got) == N_REQUESTS
     ran = marker.read_text().split()
     assert sorted(map(int, ran)) == list(range(N_REQUESTS))  # each exactly once
-    counts = StateDB(srv.settings.state_db).counts()
+    counts = StateDB(srv.settings.state_db).report.counts()
     assert counts["replied"] == N_REQUESTS
     assert counts["outbound_pending"] == 0
     # spot-check that replies answer their own requests

@@ -9,7 +9,13 @@ It holds what must survive a crash or a restart:
 - ``outbound``: replies waiting to be sent, with retry bookkeeping. A reply is queued in
   the same transaction that gives its message a final state, so a reported state always
   has its report queued.
-- ``audit``: an append-only log of events (UPDATE and DELETE are refused by triggers).
+- ``audit``: reserved for an append-only log of events (UPDATE and DELETE are refused by
+  triggers); nothing writes it yet.
+
+:class:`StateDB` is the open file (:class:`Store`) and one small part per job:
+``messages`` (:mod:`.messages`), ``requests`` (the replay record, :mod:`.requests`),
+``outbox`` (:mod:`.outbox`), ``report`` (for ``mailsh status``, :mod:`.report`) and
+``prune`` (retention, :mod:`.prune`).
 
 Concurrency: several ``mailsh serve`` processes, each with ``--workers N`` threads, may
 share the file. The database runs in WAL mode with ``synchronous=FULL`` (a commit is on
@@ -23,41 +29,67 @@ order is time order. The schema version is ``PRAGMA user_version``; :data:`MIGRA
 brings an older file up to :data:`SCHEMA_VERSION` in one transaction.
 """
 
-from mailsh.server.state.db import StateDB
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Self
+
+from mailsh.server.state.messages import Messages
 from mailsh.server.state.model import (
-    BACKOFF_BASE,
-    BACKOFF_CAP,
-    BUSY_TIMEOUT,
-    FINAL_STATES,
-    REPORTED_STATES,
-    STATE_FILE,
-    AuditEntry,
     ClaimedRequest,
     MailToQueue,
     MessageRecord,
     MessageState,
-    Outbound,
+    QueuedReply,
     StatusError,
     next_backoff,
+    utcnow,
 )
+from mailsh.server.state.outbox import Outbox
+from mailsh.server.state.prune import Prune
+from mailsh.server.state.report import Report
+from mailsh.server.state.requests import Requests
 from mailsh.server.state.schema import MIGRATIONS, SCHEMA_VERSION
+from mailsh.server.state.store import Store
+
+
+class StateDB:
+    """The state database, composed of its parts. Thread-safe; one per process is enough.
+
+    ``clock`` returns the current aware time (injectable for tests).
+    """
+
+    def __init__(self, path: Path, *, clock: Callable[[], datetime] = utcnow) -> None:
+        self.store = Store(path, clock=clock)
+        self.messages = Messages(self.store)
+        self.requests = Requests(self.store)
+        self.outbox = Outbox(self.store)
+        self.report = Report(self.store, self.messages)
+        self.prune = Prune(self.store)
+
+    def close(self) -> None:
+        """Close the file; the object is unusable afterwards."""
+        self.store.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 __all__ = [
-    "BACKOFF_BASE",
-    "BACKOFF_CAP",
-    "BUSY_TIMEOUT",
-    "FINAL_STATES",
     "MIGRATIONS",
-    "REPORTED_STATES",
     "SCHEMA_VERSION",
-    "STATE_FILE",
-    "AuditEntry",
     "ClaimedRequest",
     "MailToQueue",
     "MessageRecord",
     "MessageState",
-    "Outbound",
+    "QueuedReply",
     "StateDB",
     "StatusError",
+    "Store",
     "next_backoff",
 ]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
+# Version N-1 -> N. Statements run one by one inside the migration transaction
+# (executescript would commit first). Never edit a released entry; append a new one.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
         """CREATE TABLE messages (
@@ -69,4 +71,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE requests ADD COLUMN notice_sent_at TEXT",
         "CREATE INDEX requests_by_spool_id ON requests (spool_id)",
     ),
+    # v3: one spelling for one outcome. The state of a message interrupted by a crash is
+    # spelled as its reply status on the wire, outcome-unknown (docs/protocol.md).
+    3: ("UPDATE messages SET state = 'outcome-unknown' WHERE state = 'outcome_unknown'",),
 }

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
 
-from mailsh.server.outbound import OutboundWorker, mailer_from_settings
-from mailsh.server.state import MessageState, StateDB
+from mailsh.server.outbound import ReplySender, send_mail_from_settings
+from mailsh.server.state import MailToQueue, StateDB
 from mailsh.settings import load_settings
 
 
@@ -40,23 +40,30 @@ def smtp() -> Iterator[tuple[str, _Recorder]]:
 def test_flush_sends_more_than_one_lease_of_replies(
     tmp_path: Path, smtp: tuple[str, _Recorder]
 ) -> None:
-    # 150 queued replies: more than one lease_outbound batch (100); found by ./dev bench,
+    # 150 queued replies: more than one outbox.lease batch (100); found by ./dev bench,
     # where serve --once left 300 of 500 replies queued.
     url, recorder = smtp
     count = 150
-    with StateDB.open(tmp_path) as db:
+    with StateDB(tmp_path / "state.db") as db:
         for i in range(count):
-            db.record_message(f"m{i}", "mbox", 10, "h")
-            db.finish_with_reply(
+            db.messages.record(f"m{i}", "mbox", 10, "h")
+            assert db.requests.record_rejection(
                 spool_id=f"m{i}",
-                state=MessageState.REJECTED,
-                to_addr="alice@example.org",
-                from_addr="root@server.example",
-                message=f"Subject: reply {i}\r\n\r\nreply {i}\r\n".encode(),
+                signer="A" * 40,
+                request_id=f"r{i}",
+                issued_at=datetime.now(UTC),
+                request_sha256="1" * 64,
+                reason="audience",
+                reply=MailToQueue(
+                    to_addr="alice@example.org",
+                    from_addr="root@server.example",
+                    message=f"Subject: reply {i}\r\n\r\nreply {i}\r\n".encode(),
+                ),
             )
-        worker = OutboundWorker(db, mailer_from_settings(load_settings(home=tmp_path, smtp=url)))
+        settings = load_settings(home=tmp_path, smtp=url)
+        worker = ReplySender(db, send_mail_from_settings(settings), settings)
         assert worker.flush() == count
-        assert db.lease_outbound(datetime.now(UTC)) == []
+        assert db.outbox.lease(datetime.now(UTC), lease=timedelta(minutes=5)) == []
     assert sorted(data.split(b"\r\n")[0] for _, data in recorder.received) == sorted(
         f"Subject: reply {i}".encode() for i in range(count)
     )

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from mailsh.protocol import MAX_REQUEST_LIFETIME
+from mailsh.protocol import MAX_REQUEST_LIFETIME, ReplyStatus
 from mailsh.server.retention import Pruner, PruneResult, RetentionPolicy, prune
 from mailsh.server.spool import Spool, SpooledMessage
-from mailsh.server.state import MessageState, StateDB
+from mailsh.server.state import MailToQueue, MessageState, QueuedReply, StateDB
 from mailsh.settings import load_settings
 
 SIGNER = "A" * 40
@@ -39,21 +39,21 @@ class World:
         self.sent = self._replied("a" * 32, send=True)
         self.unsent = self._replied("c" * 32, send=False)
         self.discarded = self._put()
-        self.db.set_message_state(self.discarded.id, MessageState.DISCARDED, reason="no-sig")
+        self.db.messages.set_state(self.discarded.id, MessageState.DISCARDED, reason="no-sig")
         self.spool.finish(self.discarded)
         self.running = self._put()  # claimed, never finished (serve crashed): stays in new/
         self._claim(self.running, "d" * 32)
         self.poison = self._put()
-        self.db.set_message_state(self.poison.id, MessageState.QUARANTINED, reason="crashed")
+        self.db.messages.set_state(self.poison.id, MessageState.QUARANTINED, reason="crashed")
         self.spool.quarantine(self.poison, "crashed")
 
     def _put(self) -> SpooledMessage:
         msg = self.spool.put(b"x" * 1000, source="smtp")
-        self.db.record_message(msg.id, msg.source, msg.size, "0" * 64)
+        self.db.messages.record(msg.id, msg.source, msg.size, "0" * 64)
         return msg
 
     def _claim(self, msg: SpooledMessage, rid: str) -> None:
-        assert self.db.claim_request(
+        assert self.db.requests.claim(
             signer=SIGNER,
             request_id=rid,
             signature_id=rid,
@@ -65,17 +65,25 @@ class World:
     def _replied(self, rid: str, *, send: bool) -> SpooledMessage:
         msg = self._put()
         self._claim(msg, rid)
-        outbound = self.db.finish_with_reply(
-            spool_id=msg.id,
-            state=MessageState.REPLIED,
-            to_addr="alice@example.org",
-            from_addr="root@server.test",
-            message=b"reply",
+        assert self.db.requests.settle(
+            signer=SIGNER,
+            request_id=rid,
+            status=ReplyStatus.OK,
+            message_state=MessageState.REPLIED,
+            reason=None,
+            reply=MailToQueue(
+                to_addr="alice@example.org", from_addr="root@server.test", message=b"reply"
+            ),
         )
         if send:
-            self.db.mark_sent(outbound)
+            (outbound,) = self.queued()
+            self.db.outbox.mark_sent(outbound.id)
         self.spool.finish(msg)
         return msg
+
+    def queued(self) -> list[QueuedReply]:
+        """The unsent replies (looked at, not taken: a lease of zero)."""
+        return self.db.outbox.lease(datetime.now(UTC), lease=timedelta(0))
 
     def in_done(self, msg: SpooledMessage) -> bool:
         return (self.spool.done / msg.name).exists()
@@ -84,7 +92,7 @@ class World:
         return prune(self.spool, self.db, POLICY, datetime.now(UTC) + delta)
 
     def replay_refused(self, rid: str) -> bool:
-        return not self.db.claim_request(
+        return not self.db.requests.claim(
             signer=SIGNER,
             request_id=rid,
             signature_id=None,
@@ -110,7 +118,7 @@ def test_discarded_bytes_go_after_discard_retention_but_metadata_stays(world: Wo
     result = world.prune_after(timedelta(hours=2))
     assert (result.files, result.bytes) == (1, 1000)
     assert not world.in_done(world.discarded)
-    record = world.db.message(world.discarded.id)
+    record = world.db.messages.get(world.discarded.id)
     assert record is not None and record.state == MessageState.DISCARDED
     assert world.in_done(world.sent) and world.in_done(world.unsent)  # authenticated: kept
 
@@ -118,15 +126,15 @@ def test_discarded_bytes_go_after_discard_retention_but_metadata_stays(world: Wo
 def test_after_retention_files_and_finished_rows_go_but_not_pending_work(world: World) -> None:
     result = world.prune_after(timedelta(days=7, hours=1))
     assert not world.in_done(world.sent) and not world.in_done(world.unsent)
-    assert world.db.message(world.sent.id) is None  # reply sent: row pruned
-    assert world.db.message(world.discarded.id) is None
-    assert world.db.message(world.unsent.id) is not None  # its reply is not sent yet
-    assert world.db.message(world.running.id) is not None  # unfinished claim
-    assert world.db.message(world.poison.id) is not None  # quarantined: kept for a human
+    assert world.db.messages.get(world.sent.id) is None  # reply sent: row pruned
+    assert world.db.messages.get(world.discarded.id) is None
+    assert world.db.messages.get(world.unsent.id) is not None  # its reply is not sent yet
+    assert world.db.messages.get(world.running.id) is not None  # unfinished claim
+    assert world.db.messages.get(world.poison.id) is not None  # quarantined: kept for a human
     assert (world.spool.quarantine_dir / world.poison.name).exists()
     assert [m.id for m in world.spool.pending()] == [world.running.id]
     assert result.outbound == 1
-    assert [o.spool_id for o in world.db.due_outbound(datetime.now(UTC))] == [world.unsent.id]
+    assert [o.spool_id for o in world.queued()] == [world.unsent.id]
     # Replay records outlive --retention while a request may still be valid.
     assert result.requests == 0
     assert world.replay_refused("a" * 32)
@@ -137,14 +145,14 @@ def test_replay_records_go_only_after_the_request_validity_window(world: World) 
     assert world.replay_refused("a" * 32)
     result = world.prune_after(POLICY.replay_window + timedelta(minutes=1))
     assert result.requests == 2  # the two finished claims
-    assert [c.request_id for c in world.db.unfinished_requests()] == ["d" * 32]
+    assert [c.request_id for c in world.db.requests.unfinished()] == ["d" * 32]
     assert world.replay_refused("d" * 32)  # an unfinished claim is never pruned
 
 
 def test_unsent_replies_and_unfinished_claims_survive_any_age(world: World) -> None:
     world.prune_after(timedelta(days=3650))
-    assert [o.spool_id for o in world.db.due_outbound(datetime.now(UTC))] == [world.unsent.id]
-    assert [c.request_id for c in world.db.unfinished_requests()] == ["d" * 32]
+    assert [o.spool_id for o in world.queued()] == [world.unsent.id]
+    assert [c.request_id for c in world.db.requests.unfinished()] == ["d" * 32]
 
 
 def test_files_with_foreign_names_in_done_are_left_alone(world: World) -> None:
@@ -176,10 +184,10 @@ def test_pruner_thread_sweeps_at_start(world: World, tmp_path: Path) -> None:
 
 def test_small_batches_prune_the_same_rows(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """Deletes go in short transactions; a batch of 1 row must still reach every row."""
-    monkeypatch.setattr("mailsh.server.state.db._PRUNE_BATCH", 1)
+    monkeypatch.setattr(world.db.prune, "batch", 1)
     result = world.prune_after(timedelta(days=3650))
     assert (result.messages, result.requests, result.outbound) == (2, 2, 1)
-    assert world.db.message(world.unsent.id) is not None
+    assert world.db.messages.get(world.unsent.id) is not None
 
 
 def test_sweep_removes_stale_tmp_leftovers(world: World) -> None:
