@@ -144,13 +144,11 @@ class _Handler:
         *,
         spool: SpoolLike,
         accept: Callable[[str], bool],
-        on_message: Callable[[], None] | None,
         executor: concurrent.futures.Executor,
         accepting: Callable[[], bool] | None = None,
     ) -> None:
         self._spool = spool
         self._accept = accept
-        self._on_message = on_message
         self._executor = executor
         self._accepting = accepting
 
@@ -225,11 +223,6 @@ class _Handler:
             envelope.mail_from,
             envelope.rcpt_tos,
         )
-        if self._on_message is not None:
-            try:
-                self._on_message()
-            except Exception:
-                log.exception("smtp: on_message callback failed (message %s is spooled)", ident)
         return f"250 2.0.0 queued as {ident}"
 
     async def handle_exception(self, error: Exception) -> str:
@@ -459,8 +452,8 @@ def listen_error(host: str, port: int, exc: OSError) -> TransportError:
 class SmtpListener:
     """An SMTP server on ``host:port`` feeding ``spool``, run in a background thread.
 
-    ``accept(address)`` says which ``RCPT TO`` addresses are ours. ``on_message`` is
-    called (from a listener thread) after each message was spooled, to wake the daemon.
+    ``accept(address)`` says which ``RCPT TO`` addresses are ours. Nothing is called
+    after a message was spooled: the daemon's watcher sees it arrive in the spool.
     ``limits`` bound what clients may take (:class:`SmtpLimits`, defaults as the settings).
     With ``port=0`` the system picks a free port; after :meth:`start`, ``self.port`` is
     the bound one. ``hostname`` is the name in the greeting (default: this host's FQDN,
@@ -476,7 +469,6 @@ class SmtpListener:
         spool: SpoolLike,
         accept: Callable[[str], bool],
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        on_message: Callable[[], None] | None = None,
         hostname: str | None = None,
         limits: SmtpLimits | None = None,
         accepting: Callable[[], bool] | None = None,
@@ -489,7 +481,6 @@ class SmtpListener:
         self._hostname = hostname
         self._spool = spool
         self._accept = accept
-        self._on_message = on_message
         self.limits = limits or SmtpLimits()
         self._accepting = accepting
         self._running: _Running | None = None
@@ -508,7 +499,6 @@ class SmtpListener:
         handler = _Handler(
             spool=self._spool,
             accept=self._accept,
-            on_message=self._on_message,
             executor=executor,
             accepting=self._accepting,
         )
