@@ -205,24 +205,18 @@ class Server:
     def start_listener(self) -> None:
         if self.options.smtp_listen is None:
             return
-        from mailsh.server.intake.smtp import SmtpLimits, SmtpListener
+        from mailsh.server.intake.smtp import SmtpListener
+        from mailsh.server.intake.smtp_limits import SmtpLimits
 
         host, port = self.options.smtp_listen
         wanted = {a.lower() for a in self.identity.addresses}
-        s = self.settings
         listener = SmtpListener(
             host=host,
             port=port,
             spool=self.spool,
             accept=lambda rcpt: rcpt.lower() in wanted,
-            max_message_bytes=s.max_message_bytes,
-            limits=SmtpLimits(
-                max_sessions=s.smtp_max_sessions,
-                max_sessions_per_peer=s.smtp_max_sessions_per_peer,
-                idle_timeout=s.smtp_idle_timeout,
-                command_timeout=s.smtp_command_timeout,
-                max_messages=s.smtp_max_messages,
-            ),
+            max_message_bytes=self.settings.max_message_bytes,
+            limits=SmtpLimits.from_settings(self.settings),
             accepting=self.space.accepting,
         )
         listener.start()
