@@ -226,7 +226,7 @@ class Server:
 
     def run(self) -> None:
         """Serve until stopped (or, with ``once``, until nothing is pending)."""
-        from mailsh.server.execute import current_user_is_root
+        from mailsh.server.account import current_user_is_root
 
         if current_user_is_root() and not self.settings.run_as:
             log.warning(

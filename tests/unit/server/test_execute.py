@@ -14,13 +14,8 @@ from pathlib import Path
 import pytest
 
 from mailsh.errors import ConfigError
-from mailsh.server.execute import (
-    SAFE_PATH,
-    ExecLimits,
-    ExecResult,
-    current_user_is_root,
-    run_command,
-)
+from mailsh.server.account import SAFE_PATH, current_user_is_root
+from mailsh.server.execute import ExecLimits, ExecResult, run_command
 
 pytestmark = pytest.mark.timeout(120)
 
