@@ -48,7 +48,6 @@ from mailsh.server.intake.files import (
     RefusalRecord,
     kind,
     open_below,
-    open_dir,
 )
 from mailsh.server.spool import Spool, SpooledMessage
 
@@ -144,18 +143,7 @@ class MboxIntake:
         a second hard link; the same for ``PATH.lock``) is logged, recorded for
         ``mailsh status`` and left untouched (``intake_files``); that returns ``[]``.
         """
-        dir_fd = open_dir(self.path.parent)
-        if dir_fd is None:
-            return []
-        try:
-            spooled = self._collect_in(dir_fd)
-        except MailboxRefusedError as exc:
-            self.refusals.refuse(exc)
-            return []
-        finally:
-            os.close(dir_fd)
-        self.refusals.accept()
-        return spooled
+        return self.refusals.collect(lambda fds: self._collect_in(fds[0]))
 
     def _collect_in(self, dir_fd: int) -> list[SpooledMessage]:
         try:
