@@ -55,12 +55,15 @@ class ServeOptions:
 
 
 MIN_AIOSMTPD = (1, 4, 6)
+"""The oldest aiosmtpd --smtp-listen runs on (its SMTP smuggling fix); a floor, not a setting."""
 #: Seconds between looks for claims of serve processes that died beside this one.
 CLAIM_SWEEP_INTERVAL = 30.0
 LOOP_BACKOFF_START = 0.5
 """Seconds the main loop waits after a failed iteration (doubled while failures repeat)."""
 LOOP_BACKOFF_MAX = 30.0
-"""The longest wait between retries of a failing main loop."""
+"""The longest wait between retries of a failing main loop. The backoff is internal
+tuning, not a setting: it only spaces out retries of errors of the system (P11), and
+nothing waiting in the spool or the mailboxes is lost meanwhile."""
 
 
 def raise_open_files_limit() -> int:

@@ -24,6 +24,10 @@ from mailsh.server.state import MessageState
 
 log = logging.getLogger("mailsh.server")
 
+WAKE_INTERVAL = 1.0
+"""The longest the serve loop sleeps between two looks (stop requested? claims to sweep?).
+Internal, not a setting: new mail and finished workers wake it at once anyway."""
+
 
 class Dispatcher:
     """Runs ``work(message)`` for pending spool messages on ``workers`` threads."""
@@ -74,7 +78,7 @@ class Dispatcher:
         self.backlogged = bool(self._queue)  # more work waits for a worker of ours
         return started
 
-    def wait_for_work(self, watcher: Watcher, timeout: float = 1.0) -> None:
+    def wait_for_work(self, watcher: Watcher, timeout: float = WAKE_INTERVAL) -> None:
         """Sleep until there may be something to do: a worker finished while messages wait
         for one, or (otherwise) the watcher saw a mailbox or the spool change."""
         running = self.running()

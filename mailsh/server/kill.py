@@ -16,16 +16,10 @@ import signal
 import time
 from collections.abc import Callable
 
-from mailsh.server.cgroup import CommandCgroup
+from mailsh.server.cgroup import KILL_PAUSE, KILL_ROUNDS, CommandCgroup
 from mailsh.server.pump import TICK, Pump
 
 log = logging.getLogger("mailsh.server.execute")
-
-KILL_ROUNDS = 50
-"""SIGKILL sweeps of a session before giving up; a fork racing one sweep is caught by
-the next. Internal, not a setting: a session that survives this many is logged."""
-KILL_ROUND_PAUSE = 0.02
-"""Seconds between two SIGKILL sweeps (internal, as :data:`KILL_ROUNDS`)."""
 
 
 def proc_stat(pid: int) -> tuple[str, int, int] | None:
@@ -99,11 +93,11 @@ def stop_session(pump: Pump, sid: int, grace: float) -> None:
         return
     signal_session(sid, signal.SIGTERM)
     _drain_until_gone(pump, grace, lambda: not session_members(sid))
-    for _ in range(KILL_ROUNDS):
+    for _ in range(KILL_ROUNDS):  # a fork racing one sweep is caught by the next
         if not session_members(sid):
             return
         signal_session(sid, signal.SIGKILL)
-        time.sleep(KILL_ROUND_PAUSE)
+        time.sleep(KILL_PAUSE)
     log.warning("processes of session %d survived SIGKILL", sid)
 
 

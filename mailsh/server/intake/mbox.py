@@ -54,7 +54,13 @@ from mailsh.server.spool import Spool, SpooledMessage
 log = logging.getLogger(__name__)
 
 #: A dotlock older than this is stale (Postfix's ``stale_lock_time`` default), seconds.
+#: Not a setting: it must agree with the MTA writing the mbox, whose default it is.
 STALE_LOCK_SECONDS = 500.0
+#: Tries to take the dotlock and the ``fcntl`` lock, ``LOCK_INTERVAL`` seconds apart,
+#: before a collect gives up for now (the next wake-up tries again). Internal, not a
+#: setting: a busy lock only delays intake, it loses nothing.
+LOCK_ATTEMPTS = 20
+LOCK_INTERVAL = 0.5
 _LOCK_TAG_RE = re.compile(rb"mailsh (\d+) (\S+)\n")
 
 
@@ -122,8 +128,8 @@ class MboxIntake:
         path: Path,
         spool: Spool,
         *,
-        lock_attempts: int = 20,
-        lock_interval: float = 0.5,
+        lock_attempts: int = LOCK_ATTEMPTS,
+        lock_interval: float = LOCK_INTERVAL,
         max_message_bytes: int | None = None,
     ) -> None:
         self.path = Path(path)
