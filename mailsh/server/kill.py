@@ -19,10 +19,10 @@ from collections.abc import Callable
 from mailsh.server.cgroup import KILL_PAUSE, KILL_ROUNDS, CommandCgroup
 from mailsh.server.pump import TICK, Pump
 
-log = logging.getLogger("mailsh.server.execute")
+log = logging.getLogger("mailsh.server.execute")  # its lines are part of running a command
 
 
-def proc_stat(pid: int) -> tuple[str, int, int] | None:
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
     """(state, pgrp, session) of ``pid`` from /proc, or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -34,13 +34,13 @@ def proc_stat(pid: int) -> tuple[str, int, int] | None:
     return fields[0].decode(), int(fields[2]), int(fields[3])
 
 
-def session_members(sid: int) -> list[int]:
+def _session_members(sid: int) -> list[int]:
     """Live (non-zombie) processes whose session or process group is ``sid``."""
     members = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
-        info = proc_stat(int(entry.name))
+        info = _proc_stat(int(entry.name))
         if info and info[0] not in ("Z", "X") and sid in (info[1], info[2]):
             members.append(int(entry.name))
     return members
@@ -56,13 +56,13 @@ def signal_session(sid: int, sig: signal.Signals) -> None:
     """
     with contextlib.suppress(ProcessLookupError):
         os.killpg(sid, sig)
-    for pid in session_members(sid):
+    for pid in _session_members(sid):
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
             continue
         try:
-            info = proc_stat(pid)
+            info = _proc_stat(pid)
             if info and info[2] == sid:
                 signal.pidfd_send_signal(pidfd, sig)
         except ProcessLookupError:
@@ -89,12 +89,12 @@ def _drain_until_gone(pump: Pump, grace: float, gone: Callable[[], bool]) -> Non
 
 def stop_session(pump: Pump, sid: int, grace: float) -> None:
     """TERM everything left in the session, wait up to ``grace`` while draining, then KILL."""
-    if not session_members(sid):
+    if not _session_members(sid):
         return
     signal_session(sid, signal.SIGTERM)
-    _drain_until_gone(pump, grace, lambda: not session_members(sid))
+    _drain_until_gone(pump, grace, lambda: not _session_members(sid))
     for _ in range(KILL_ROUNDS):  # a fork racing one sweep is caught by the next
-        if not session_members(sid):
+        if not _session_members(sid):
             return
         signal_session(sid, signal.SIGKILL)
         time.sleep(KILL_PAUSE)
