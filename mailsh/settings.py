@@ -121,6 +121,11 @@ class Settings(BaseSettings):
     max_request_age: int = Field(default=86_400, gt=0, description="oldest request accepted, s")
     command_timeout: float = Field(default=60.0, gt=0)
     max_command_timeout: float = Field(default=3600.0, gt=0)
+    kill_grace: float = Field(
+        default=2.0,
+        ge=0,
+        description="seconds between SIGTERM and SIGKILL when a command is stopped",
+    )
     max_output_bytes: int = Field(default=1 * MiB, gt=0, description="per stream")
     workers: int = Field(default=1, ge=1, le=64)
     claim_sweep_interval: float = Field(

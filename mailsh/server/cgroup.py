@@ -48,8 +48,11 @@ PARENT_PREFIX = "mailsh-serve-"
 PEAK_CONTROLLERS = ("memory", "pids")
 """Controllers enabled for the commands' cgroups when the kernel offers them."""
 KILL_ROUNDS = 50
-"""Rounds of kill-and-check (``KILL_PAUSE`` apart) before a cgroup is declared stuck."""
+"""Rounds of kill-and-check (``KILL_PAUSE`` apart) before a cgroup (or, in session mode,
+a session: :mod:`mailsh.server.kill`) is declared stuck and logged. Internal, not a
+setting: SIGKILL cannot be ignored, so only a fork racing the kill needs another round."""
 KILL_PAUSE = 0.02
+"""Seconds between two kill rounds (internal, as :data:`KILL_ROUNDS`)."""
 RECORD_NAME = "containment.json"
 """File in the home where serve records the containment mode in force (``mailsh status``)."""
 

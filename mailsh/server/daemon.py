@@ -1,8 +1,8 @@
 """``mailsh serve``: intake sources -> durable spool -> processor workers -> outbound.
 
 The loop: collect new mail from every intake into the spool, hand each pending spool
-message to a worker (at most one worker per message: an exclusive ``lockf`` on the
-spool file also keeps several serve processes sharing a home apart), then sleep until
+message to a worker (:mod:`mailsh.server.dispatch`: at most one worker per message,
+also across serve processes sharing a home), then sleep until
 inotify (or the polling fallback) says something changed. The embedded SMTP listener
 writes straight into the spool, which the same watcher observes.
 
@@ -16,16 +16,10 @@ and report whatever is still running as outcome unknown.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
-import os
 import signal
 import threading
 import time
-from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -36,13 +30,15 @@ from mailsh.keys.identity import require_identity
 from mailsh.mail.watch import Watcher
 from mailsh.server.cgroup import Containment
 from mailsh.server.diskspace import SpaceGuard
+from mailsh.server.dispatch import Dispatcher
 from mailsh.server.intake.maildir import MaildirIntake
 from mailsh.server.intake.mbox import MboxIntake
+from mailsh.server.logs import describe_error
 from mailsh.server.outbound import ReplySender, SendMail, send_mail_from_settings
 from mailsh.server.processor import Processor, ServerIdentity
 from mailsh.server.retention import Pruner
-from mailsh.server.spool import Spool, SpooledMessage
-from mailsh.server.state import MessageState, StateDB
+from mailsh.server.spool import Spool
+from mailsh.server.state import StateDB
 from mailsh.settings import Settings, check_serve_home
 
 log = logging.getLogger("mailsh.server")
@@ -59,18 +55,13 @@ class ServeOptions:
 
 
 MIN_AIOSMTPD = (1, 4, 6)
+"""The oldest aiosmtpd --smtp-listen runs on (its SMTP smuggling fix); a floor, not a setting."""
 LOOP_BACKOFF_START = 0.5
 """Seconds the main loop waits after a failed iteration (doubled while failures repeat)."""
 LOOP_BACKOFF_MAX = 30.0
-"""The longest wait between retries of a failing main loop."""
-
-
-def _describe(exc: BaseException) -> str:
-    """One line for a log: ``[Errno 24] Too many open files`` or ``Type: message``."""
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f": {exc.filename}" if exc.filename else ""
-        return f"[Errno {exc.errno}] {exc.strerror}{where}"
-    return f"{type(exc).__name__}: {exc}"
+"""The longest wait between retries of a failing main loop. The backoff is internal
+tuning, not a setting: it only spaces out retries of errors of the system (P11), and
+nothing waiting in the spool or the mailboxes is lost meanwhile."""
 
 
 def raise_open_files_limit() -> int:
@@ -176,16 +167,10 @@ class Server:
         ]
         self.listener: object | None = None
         self._stop = threading.Event()
-        self._inflight: dict[str, Future[MessageState]] = {}
-        self._locks: dict[str, int] = {}
-        self._pool = ThreadPoolExecutor(
-            max_workers=settings.workers, thread_name_prefix="mailsh-worker"
-        )
+        self.dispatcher = Dispatcher(self.spool, settings.workers, self.processor.process)
         self.smtp_port: int | None = None
         self.abandoned = 0  # commands still running when shutdown gave up on them
         self._last_sweep = 0.0
-        self._backlogged = False  # the last dispatch left work for busy workers
-        self._queue: deque[SpooledMessage] = deque()  # listed, not yet dispatched
         self.loop_errors = 0  # main-loop iterations that failed and were retried
         self.containment: Containment | None = None  # chosen when run() starts
 
@@ -205,24 +190,18 @@ class Server:
     def start_listener(self) -> None:
         if self.options.smtp_listen is None:
             return
-        from mailsh.server.intake.smtp import SmtpLimits, SmtpListener
+        from mailsh.server.intake.smtp import SmtpListener
+        from mailsh.server.intake.smtp_limits import SmtpLimits
 
         host, port = self.options.smtp_listen
         wanted = {a.lower() for a in self.identity.addresses}
-        s = self.settings
         listener = SmtpListener(
             host=host,
             port=port,
             spool=self.spool,
             accept=lambda rcpt: rcpt.lower() in wanted,
-            max_message_bytes=s.max_message_bytes,
-            limits=SmtpLimits(
-                max_sessions=s.smtp_max_sessions,
-                max_sessions_per_peer=s.smtp_max_sessions_per_peer,
-                idle_timeout=s.smtp_idle_timeout,
-                command_timeout=s.smtp_command_timeout,
-                max_messages=s.smtp_max_messages,
-            ),
+            max_message_bytes=self.settings.max_message_bytes,
+            limits=SmtpLimits.from_settings(self.settings),
             accepting=self.space.accepting,
         )
         listener.start()
@@ -232,7 +211,7 @@ class Server:
 
     def run(self) -> None:
         """Serve until stopped (or, with ``once``, until nothing is pending)."""
-        from mailsh.server.execute import current_user_is_root
+        from mailsh.server.account import current_user_is_root
 
         if current_user_is_root() and not self.settings.run_as:
             log.warning(
@@ -279,17 +258,15 @@ class Server:
         Workers take messages as they free up (no barrier between batches), and the
         replies are sent once at the end.
         """
+        dispatcher = self.dispatcher
         while not self._stop.is_set():
-            if not self._backlogged:
+            if not dispatcher.backlogged:
                 self.collect()
-            started = self.dispatch()
-            running = [f for f in self._inflight.values() if not f.done()]
-            if running:
-                futures_wait(running, return_when=FIRST_COMPLETED)
-            for fut in [f for f in self._inflight.values() if f.done()]:
-                fut.result()  # a failure of the worker itself ends the run
-            self.reap()
-            if self._inflight or self._backlogged:
+            started = dispatcher.dispatch()
+            dispatcher.wait_for_one()
+            dispatcher.raise_failures()  # a failure of the worker itself ends the run
+            dispatcher.reap()
+            if dispatcher.inflight or dispatcher.backlogged:
                 continue
             self.collect()
             left = self.spool.pending()
@@ -309,17 +286,17 @@ class Server:
         backoff = 0.0
         while not self._stop.is_set():
             try:
-                if not self._backlogged:  # mail already spooled waits for a worker first
+                if not self.dispatcher.backlogged:  # spooled mail waits for a worker first
                     self.collect()
-                self.dispatch()
-                self.wait_for_work(watcher)
-                self.reap()
+                self.dispatcher.dispatch()
+                self.dispatcher.wait_for_work(watcher)
+                self.dispatcher.reap()
                 self.sweep_if_due()
             except Exception as exc:  # the daemon outlives any one failure (P11)
                 backoff = min(max(backoff * 2, LOOP_BACKOFF_START), LOOP_BACKOFF_MAX)
                 self.loop_errors += 1
                 log.error(
-                    "serve loop: %s; still serving, retrying in %.1fs", _describe(exc), backoff
+                    "serve loop: %s; still serving, retrying in %.1fs", describe_error(exc), backoff
                 )
                 log.debug("serve loop error", exc_info=exc)
                 self._stop.wait(backoff)
@@ -335,91 +312,8 @@ class Server:
             except Exception as exc:  # a locked or missing mailbox must not stop serving
                 log.warning("intake %s: %s", getattr(intake, "path", intake), exc)
 
-    def dispatch(self) -> int:
-        """Lock and start as many pending messages as there are idle workers; returns
-        how many were started.
-
-        A message is locked only when a worker is free to take it at once: a lock held
-        while queued behind a long command would keep another serve process sharing the
-        home (and idle) from taking it. The spool is listed again only when the messages
-        of its last listing are used up, so draining N messages costs N, not N squared.
-        """
-        self.reap()
-        free = self.settings.workers - len(self._inflight)
-        started = 0
-        listed = False
-        while started < free:
-            if not self._queue:
-                if listed:
-                    break
-                self._queue.extend(m for m in self.spool.pending() if m.id not in self._inflight)
-                listed = True
-                continue
-            msg = self._queue.popleft()
-            if msg.id in self._inflight or not self._lock(msg):
-                continue  # taken by another serve process, or already gone
-            self._inflight[msg.id] = self._pool.submit(self._process, msg)
-            started += 1
-        self._backlogged = bool(self._queue)  # more work waits for a worker of ours
-        return started
-
-    def wait_for_work(self, watcher: Watcher, timeout: float = 1.0) -> None:
-        """Sleep until there may be something to do: a worker finished while messages wait
-        for one, or (otherwise) the watcher saw a mailbox or the spool change."""
-        running = [f for f in self._inflight.values() if not f.done()]
-        if self._backlogged and running:
-            futures_wait(running, timeout=timeout, return_when=FIRST_COMPLETED)
-        else:
-            watcher.wait(timeout=timeout)
-
-    def _process(self, msg: SpooledMessage) -> MessageState:
-        try:
-            return self.processor.process(msg)
-        finally:
-            self._unlock(msg)
-
-    def _lock(self, msg: SpooledMessage) -> bool:
-        try:
-            fd = os.open(msg.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return False
-        try:  # flock is per open file: it also keeps this process's workers apart
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        if not msg.path.exists():  # finished by another process meanwhile
-            os.close(fd)
-            return False
-        self._locks[msg.id] = fd
-        return True
-
-    def _unlock(self, msg: SpooledMessage) -> None:
-        fd = self._locks.pop(msg.id, None)
-        if fd is not None:
-            os.close(fd)
-
-    def reap(self) -> None:
-        for mid, fut in list(self._inflight.items()):
-            if fut.done():
-                del self._inflight[mid]
-                error = None if fut.cancelled() else fut.exception()
-                if error is not None:  # the spool still holds it: the next dispatch retries
-                    log.error("message %s: processing failed: %s", mid, _describe(error))
-
     def shutdown(self) -> None:
-        running = [f for f in self._inflight.values() if not f.done()]
-        if running:
-            log.info(
-                "waiting up to %ss for %d running command(s)",
-                self.options.shutdown_grace,
-                len(running),
-            )
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        deadline = self.options.shutdown_grace
-        for fut in running:
-            with contextlib.suppress(Exception):
-                fut.result(timeout=deadline)
+        self.dispatcher.stop(self.options.shutdown_grace)
         self.report_unfinished(final=True)
         self.pruner.stop()
         if self.listener is not None:
@@ -449,7 +343,7 @@ class Server:
         still running its command. This process's own claims count only when their
         worker is no longer running, or with ``final`` (shutdown after the grace period).
         """
-        running = {mid for mid, fut in self._inflight.items() if not fut.done()}
+        running = self.dispatcher.running_ids()
         if final:
             self.abandoned += len(running)
         self.processor.settle_abandoned(running, mine_too=final)

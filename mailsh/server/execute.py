@@ -39,38 +39,42 @@ limit what commands can touch.
 
 Linux only: the session sweep reads ``/proc`` and exit detection uses ``pidfd_open(2)``
 (falling back to polling).
+
+This module starts the command and puts the pieces together; each other job has a module
+of its own: the account it runs as (:mod:`mailsh.server.account`), its pipes
+(:mod:`mailsh.server.pump`), stopping what it left running (:mod:`mailsh.server.kill`)
+and its cgroup (:mod:`mailsh.server.cgroup`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
-import pwd
-import selectors
 import shutil
 import signal
-import stat
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from mailsh.errors import ConfigError, DependencyError
+from mailsh.server.account import (
+    SAFE_PATH,
+    Target,
+    check_cwd,
+    current_user_is_root,
+    resolve_target,
+    scrubbed_env,
+)
 from mailsh.server.cgroup import CommandCgroup, Containment
+from mailsh.server.kill import signal_session, stop_cgroup, stop_session
+from mailsh.server.pump import Pump
 
-__all__ = ["ExecLimits", "ExecResult", "current_user_is_root", "run_command"]
+__all__ = ["ExecLimits", "ExecResult", "run_command"]
 
 log = logging.getLogger(__name__)
-
-#: The only PATH a command ever sees; nothing is inherited from the server.
-SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_READ_CHUNK = 65536
-_WRITE_CHUNK = 65536
-_TICK = 0.05  # seconds between liveness checks when no fd is ready
 
 
 @dataclass(frozen=True)
@@ -122,94 +126,6 @@ class ExecResult:
     pids_peak: int | None = None  # the cgroup's pids.peak, where the kernel has it
 
 
-def current_user_is_root() -> bool:
-    """True when this process runs with effective uid 0 (callers warn loudly)."""
-    return os.geteuid() == 0
-
-
-@dataclass(frozen=True)
-class _Target:
-    """The account a command runs as, resolved once."""
-
-    name: str
-    uid: int
-    gid: int
-    home: str
-    shell: str
-    groups: tuple[int, ...]
-    switch: bool  # whether Popen must change uid/gid
-
-
-def _resolve_target(run_as: str | None) -> _Target:
-    if run_as is None:
-        uid, gid = os.geteuid(), os.getegid()
-        try:
-            pw = pwd.getpwuid(uid)
-        except KeyError:  # a uid without a passwd entry (containers)
-            return _Target(str(uid), uid, gid, "/", "/bin/sh", (), switch=False)
-        return _Target(pw.pw_name, uid, gid, pw.pw_dir, pw.pw_shell, (), switch=False)
-    try:
-        pw = pwd.getpwnam(run_as)
-    except KeyError:
-        raise ConfigError(
-            f"cannot run commands as {run_as!r}: no such user",
-            hint=f"create the account (useradd --system {run_as}) or change the run-as user",
-        ) from None
-    groups = tuple(os.getgrouplist(pw.pw_name, pw.pw_gid))
-    switch = (pw.pw_uid, pw.pw_gid) != (os.geteuid(), os.getegid())
-    return _Target(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, pw.pw_shell, groups, switch)
-
-
-def _scrubbed_env(target: _Target) -> dict[str, str]:
-    """The whole environment of a command: fixed values, nothing inherited (no message data)."""
-    return {
-        "PATH": SAFE_PATH,
-        "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8",
-        "HOME": target.home,
-        "USER": target.name,
-        "LOGNAME": target.name,
-        "SHELL": target.shell,
-    }
-
-
-def _may(st: os.stat_result, target: _Target, bits: int) -> bool:
-    """Classic mode-bit check (ACLs are not consulted) for ``bits`` in r=4 w=2 x=1."""
-    if target.uid == 0:
-        return True
-    if st.st_uid == target.uid:
-        return (st.st_mode >> 6) & bits == bits
-    if st.st_gid in target.groups or st.st_gid == target.gid:
-        return (st.st_mode >> 3) & bits == bits
-    return st.st_mode & bits == bits
-
-
-def _check_cwd(cwd: Path, target: _Target) -> None:
-    """Fail early when ``target`` could not enter and list ``cwd``.
-
-    Popen changes directory *before* dropping privileges, so a root server would happily
-    start a command in a directory its user cannot use; check it as that user would.
-    """
-    path = Path(os.path.abspath(cwd))
-    try:
-        final = path.stat()
-        if not stat.S_ISDIR(final.st_mode):
-            raise ConfigError(f"command directory {path} is not a directory")
-        for parent in reversed(path.parents):
-            if not _may(parent.stat(), target, 1):
-                raise ConfigError(
-                    f"user {target.name} cannot enter {parent} (on the way to {path})",
-                    hint=f"choose a command directory {target.name} can reach, or chmod o+x",
-                )
-        if not _may(final, target, 5):
-            raise ConfigError(
-                f"user {target.name} cannot read and enter the command directory {path}",
-                hint=f"chown {target.name} {path} (or pick another command directory)",
-            )
-    except OSError as exc:
-        raise ConfigError(f"command directory {path} is unusable: {exc.strerror}") from exc
-
-
 @functools.cache
 def _prlimit_binary() -> str:
     found = shutil.which("prlimit", path=SAFE_PATH)
@@ -244,169 +160,6 @@ def _limited(argv: list[str], limits: ExecLimits) -> list[str]:
     if limits.max_processes is not None:
         options.append(f"--nproc={limits.max_processes}:{limits.max_processes}")
     return [_prlimit_binary(), *options, "--", *argv]
-
-
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, pgrp, session) of ``pid`` from /proc, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[2]), int(fields[3])
-
-
-def _session_members(sid: int) -> list[int]:
-    """Live (non-zombie) processes whose session or process group is ``sid``."""
-    members = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        info = _proc_stat(int(entry.name))
-        if info and info[0] not in ("Z", "X") and sid in (info[1], info[2]):
-            members.append(int(entry.name))
-    return members
-
-
-def _signal_session(sid: int, sig: signal.Signals) -> None:
-    """Send ``sig`` to the process group ``sid`` and to every process in session ``sid``.
-
-    Only call while the leader is unreaped: its pid cannot be reused until then, so the
-    group and session ids are still ours. Members that moved to another group inside the
-    session (``set -m`` job control) are signalled through a pidfd, after re-checking
-    their session, so a recycled pid is never hit.
-    """
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(sid, sig)
-    for pid in _session_members(sid):
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            continue
-        try:
-            info = _proc_stat(pid)
-            if info and info[2] == sid:
-                signal.pidfd_send_signal(pidfd, sig)
-        except ProcessLookupError:
-            pass
-        finally:
-            os.close(pidfd)
-
-
-class _Pump:
-    """Feeds stdin and drains stdout/stderr of one process without blocking on any."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], stdin: bytes | None, cap: int) -> None:
-        self.proc = proc
-        self.cap = cap
-        self.sel = selectors.DefaultSelector()
-        self.out: dict[int, bytearray] = {}
-        self.truncated: dict[int, bool] = {}
-        self.out_open: set[int] = set()
-        self.stdin_view = memoryview(stdin or b"")
-        self.pidfd: int | None = None
-        self.exited = False
-        for stream in (proc.stdout, proc.stderr):
-            if stream is None:
-                raise TypeError("stdout and stderr must be pipes")
-            fd = stream.fileno()
-            os.set_blocking(fd, False)
-            self.out[fd] = bytearray()
-            self.truncated[fd] = False
-            self.out_open.add(fd)
-            self.sel.register(fd, selectors.EVENT_READ, "out")
-        self.fds = tuple(self.out)
-        if proc.stdin is not None:
-            fd = proc.stdin.fileno()
-            os.set_blocking(fd, False)
-            self.sel.register(fd, selectors.EVENT_WRITE, "in")
-        try:
-            self.pidfd = os.pidfd_open(proc.pid)
-            self.sel.register(self.pidfd, selectors.EVENT_READ, "exit")
-        except OSError:  # old kernel: poll with waitid instead
-            self.pidfd = None
-
-    def leader_exited(self) -> bool:
-        """Whether the leader has exited, without reaping it (its pid stays reserved)."""
-        if not self.exited:
-            flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
-            self.exited = os.waitid(os.P_PID, self.proc.pid, flags) is not None
-        return self.exited
-
-    def pipes_open(self) -> bool:
-        return self.fds[0] in self.out_open or self.fds[1] in self.out_open
-
-    def run(self, until: float, stop: Callable[[], bool]) -> None:
-        """Feed and drain until ``stop()`` is true or the monotonic clock reaches ``until``."""
-        while not stop():
-            remaining = until - time.monotonic()
-            if remaining <= 0:
-                return
-            if not self.sel.get_map():  # nothing to watch (no pidfd): poll the predicate
-                time.sleep(min(remaining, _TICK))
-                continue
-            for key, _ in self.sel.select(min(remaining, _TICK)):
-                if key.data == "out":
-                    self._read(key.fd)
-                elif key.data == "in":
-                    self._write(key.fd)
-                else:  # the pidfd stays readable once the leader exited: stop watching it
-                    self._drop(key.fd)
-
-    def _read(self, fd: int) -> None:
-        try:
-            chunk = os.read(fd, _READ_CHUNK)
-        except BlockingIOError:
-            return
-        if not chunk:
-            self._drop(fd)
-            return
-        buf = self.out[fd]
-        room = self.cap - len(buf)
-        if len(chunk) > room:
-            self.truncated[fd] = True
-            chunk = chunk[: max(room, 0)]
-        buf += chunk
-
-    def _write(self, fd: int) -> None:
-        try:
-            written = os.write(fd, self.stdin_view[:_WRITE_CHUNK])
-        except BlockingIOError:
-            return
-        except (BrokenPipeError, ConnectionResetError):  # it stopped reading: fine
-            written = len(self.stdin_view)
-        self.stdin_view = self.stdin_view[written:]
-        if not self.stdin_view:
-            self.close_stdin()
-
-    def close_stdin(self) -> None:
-        stdin = self.proc.stdin
-        if stdin is not None and not stdin.closed:
-            with contextlib.suppress(KeyError):
-                self.sel.unregister(stdin.fileno())
-            with contextlib.suppress(BrokenPipeError):
-                stdin.close()
-
-    def _drop(self, fd: int) -> None:
-        self.out_open.discard(fd)
-        with contextlib.suppress(KeyError):
-            self.sel.unregister(fd)
-
-    def close(self) -> None:
-        self.close_stdin()
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
-        if self.pidfd is not None:
-            os.close(self.pidfd)
-            self.pidfd = None
-        self.sel.close()
-
-    def stream(self, index: int) -> tuple[bytes, bool]:
-        fd = self.fds[index]
-        return bytes(self.out[fd]), self.truncated[fd]
 
 
 @functools.cache
@@ -461,7 +214,7 @@ def _spawn(
     *,
     stdin: bytes | None,
     cwd: Path,
-    target: _Target,
+    target: Target,
     pass_fds: tuple[int, ...] = (),
 ) -> subprocess.Popen[bytes]:
     switch = target.switch
@@ -473,7 +226,7 @@ def _spawn(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=cwd,
-            env=_scrubbed_env(target),
+            env=scrubbed_env(target),
             start_new_session=True,
             close_fds=True,
             user=target.uid if switch else None,
@@ -489,36 +242,12 @@ def _spawn(
         ) from exc
 
 
-def _stop_session(pump: _Pump, sid: int, grace: float) -> None:
-    """TERM everything left in the session, wait up to ``grace`` while draining, then KILL."""
-    if not _session_members(sid):
-        return
-    _signal_session(sid, signal.SIGTERM)
-    last = 0.0
-
-    def all_gone() -> bool:
-        nonlocal last
-        now = time.monotonic()
-        if now - last < _TICK:
-            return False
-        last = now
-        return not _session_members(sid)
-
-    pump.run(time.monotonic() + grace, all_gone)
-    for _ in range(50):  # a fork racing the sweep is caught on the next round
-        if not _session_members(sid):
-            return
-        _signal_session(sid, signal.SIGKILL)
-        time.sleep(0.02)
-    log.warning("processes of session %d survived SIGKILL", sid)
-
-
 def _start(
     argv: list[str],
     *,
     stdin: bytes | None,
     cwd: Path,
-    target: _Target,
+    target: Target,
     cgroup_of: Containment | None,
     limits: ExecLimits,
 ) -> tuple[subprocess.Popen[bytes], CommandCgroup | None]:
@@ -538,27 +267,6 @@ def _start(
         cgroup.remove()
         return proc, None
     return proc, cgroup
-
-
-def _stop_cgroup(pump: _Pump, cgroup: CommandCgroup, grace: float) -> None:
-    """TERM everything left in the cgroup, wait up to ``grace`` while draining, then KILL
-    the whole cgroup (``cgroup.kill``: forks racing the kill are caught too)."""
-    if not cgroup.populated():
-        return
-    cgroup.signal(signal.SIGTERM)
-    last = 0.0
-
-    def all_gone() -> bool:
-        nonlocal last
-        now = time.monotonic()
-        if now - last < _TICK:
-            return False
-        last = now
-        return not cgroup.populated()
-
-    pump.run(time.monotonic() + grace, all_gone)
-    if not cgroup.kill():
-        log.warning("processes of cgroup %s survived SIGKILL", cgroup.path)
 
 
 def _close_cgroup(cgroup: CommandCgroup | None) -> tuple[int | None, int | None]:
@@ -584,15 +292,16 @@ def run_command(
 
     ``stdin`` bytes are fed to the command (``None``: it reads ``/dev/null``). The command
     runs as ``run_as`` (resolved with pwd, with that user's supplementary groups) or as
-    this process's user, in ``cwd``, with only the environment of :func:`_scrubbed_env`.
+    this process's user, in ``cwd``, with only the environment of
+    :func:`~mailsh.server.account.scrubbed_env`.
     With a ``containment`` in cgroup mode it runs in a cgroup of its own (module
     docstring); else, or if that cgroup cannot be made, in session mode.
     Raises :class:`~mailsh.errors.ConfigError` when the user, directory or shell is
     unusable (:class:`~mailsh.errors.DependencyError` without util-linux ``prlimit``);
     the command's own failures are reported in the result, never raised.
     """
-    target = _resolve_target(run_as)
-    _check_cwd(cwd, target)
+    target = resolve_target(run_as)
+    check_cwd(cwd, target)
     if not (os.path.isabs(shell) and os.access(shell, os.X_OK)):
         raise ConfigError(f"command shell {shell!r} is not an executable absolute path")
     started_at = datetime.now(UTC)
@@ -602,7 +311,7 @@ def run_command(
         argv, stdin=stdin, cwd=cwd, target=target, cgroup_of=containment, limits=limits
     )
     sid = proc.pid  # start_new_session: the leader's pid is its session and group id
-    pump = _Pump(proc, stdin, limits.max_output_bytes)
+    pump = Pump(proc, stdin, limits.max_output_bytes)
     try:
         pump.run(deadline, pump.leader_exited)
         timed_out = not pump.leader_exited()
@@ -610,9 +319,9 @@ def run_command(
             log.info("command in session %d timed out after %ss", sid, limits.timeout)
         pump.close_stdin()
         if cgroup is not None:
-            _stop_cgroup(pump, cgroup, limits.kill_grace)
+            stop_cgroup(pump, cgroup, limits.kill_grace)
         else:
-            _stop_session(pump, sid, limits.kill_grace)
+            stop_session(pump, sid, limits.kill_grace)
         returncode = proc.wait()  # after every killpg: the pid may be reused once reaped
         # Only escaped processes can hold the pipes now; do not wait for them forever.
         pump.run(time.monotonic() + limits.kill_grace, lambda: not pump.pipes_open())
@@ -620,7 +329,7 @@ def run_command(
         if proc.returncode is None:  # an exception above: never leave the session behind
             if cgroup is not None:
                 cgroup.kill()
-            _signal_session(sid, signal.SIGKILL)
+            signal_session(sid, signal.SIGKILL)
             proc.wait()
         pump.close()
         peaks = _close_cgroup(cgroup)

@@ -91,3 +91,11 @@ def setup_logging(fmt: str, *, debug: bool = False) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's chatty logger
     logging.getLogger("gnupg").setLevel(logging.WARNING)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a log: ``[Errno 24] Too many open files`` or ``Type: message``."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"[Errno {exc.errno}] {exc.strerror}{where}"
+    return f"{type(exc).__name__}: {exc}"

@@ -266,7 +266,10 @@ class Processor:
                 request.command,
                 stdin=request.stdin,
                 limits=ExecLimits(
-                    timeout=timeout, max_output_bytes=cap, max_processes=s.command_max_processes
+                    timeout=timeout,
+                    max_output_bytes=cap,
+                    max_processes=s.command_max_processes,
+                    kill_grace=s.kill_grace,
                 ),
                 cwd=self.workdir,
                 run_as=s.run_as,

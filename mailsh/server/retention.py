@@ -36,8 +36,12 @@ from mailsh.units import format_size
 
 log = logging.getLogger("mailsh.server")
 
-#: Seconds between two sweeps of a running ``mailsh serve``.
+#: Seconds between two sweeps of a running ``mailsh serve``. Internal, not a setting:
+#: ``--retention`` and ``--discard-retention`` say how long things stay, and falling
+#: below ``--min-free-space`` sweeps at once.
 PRUNE_INTERVAL = 3600.0
+#: Seconds :meth:`Pruner.stop` waits for a sweep under way to end (internal).
+PRUNER_STOP_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,7 @@ class Pruner:
         """Sweep now (e.g. free space fell below the floor)."""
         self._wake.set()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = PRUNER_STOP_TIMEOUT) -> None:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:

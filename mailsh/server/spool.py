@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 _SUBDIRS = ("tmp", "new", "done", "quarantine")
 _SOURCE_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _NAME_RE = re.compile(r"(?P<id>\d{20}\.\d+\.[0-9a-f]{16})\.(?P<source>[a-z0-9][a-z0-9_-]{0,31})")
-_MAX_REASON_CHARS = 2000
+_MAX_REASON_CHARS = 2000  # a quarantine .reason file is for a human: one screen is enough
 #: Files in ``tmp/`` older than this are leftovers of a crashed ``put`` (seconds).
+#: Internal, not a setting: the Maildir convention for a tmp/ leftover (36 hours).
 TMP_MAX_AGE = 36 * 3600.0
 
 

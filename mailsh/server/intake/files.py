@@ -30,12 +30,16 @@ import json
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 from mailsh.errors import TransportError
 from mailsh.fsio import atomic_write
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +163,29 @@ class RefusalRecord:
         self.mailbox = str(mailbox)
         self._reason: str | None = None  # what this process last logged
         self._clean = False  # the record is known to hold no entry for this mailbox
+
+    def collect(self, take: Callable[[list[int]], list[T]]) -> list[T]:
+        """What ``take(fds)`` collects, ``fds[0]`` being the directory that holds the
+        mailbox; every descriptor ``take`` appends to ``fds`` is closed afterwards too.
+
+        A missing directory is nothing to do (``[]``). A refusal (``MailboxRefusedError``)
+        is logged, recorded and gives ``[]``; anything else propagates. A success clears
+        the record.
+        """
+        parent_fd = open_dir(Path(self.mailbox).parent)
+        if parent_fd is None:
+            return []
+        fds = [parent_fd]
+        try:
+            taken = take(fds)
+        except MailboxRefusedError as exc:
+            self.refuse(exc)
+            return []
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self.accept()
+        return taken
 
     def refuse(self, exc: MailboxRefusedError) -> None:
         """Log (once per reason) and record that the mailbox is refused."""

@@ -32,7 +32,6 @@ from mailsh.server.intake.files import (
     RefusalRecord,
     check_owner,
     open_below,
-    open_dir,
 )
 from mailsh.server.spool import Spool, SpooledMessage
 
@@ -61,20 +60,7 @@ class MaildirIntake:
         directory, or owned by another user) is logged, recorded for ``mailsh status``
         and left untouched (``intake_files``); that returns ``[]``.
         """
-        parent_fd = open_dir(self.path.parent)
-        if parent_fd is None:
-            return []
-        fds: list[int] = [parent_fd]
-        try:
-            spooled = self._collect(fds)
-        except MailboxRefusedError as exc:
-            self.refusals.refuse(exc)
-            return []
-        finally:
-            for fd in fds:
-                os.close(fd)
-        self.refusals.accept()
-        return spooled
+        return self.refusals.collect(self._collect)
 
     def _subdir(self, top: int, fds: list[int], name: str, owners: set[int]) -> int | None:
         """``new/`` or ``cur/``: a real directory owned by the Maildir's owner (or None)."""

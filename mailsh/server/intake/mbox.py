@@ -49,14 +49,19 @@ from mailsh.server.intake.files import (
     RefusalRecord,
     kind,
     open_below,
-    open_dir,
 )
 from mailsh.server.spool import Spool, SpooledMessage
 
 log = logging.getLogger(__name__)
 
 #: A dotlock older than this is stale (Postfix's ``stale_lock_time`` default), seconds.
+#: Not a setting: it must agree with the MTA writing the mbox, whose default it is.
 STALE_LOCK_SECONDS = 500.0
+#: Tries to take the dotlock and the ``fcntl`` lock, ``LOCK_INTERVAL`` seconds apart,
+#: before a collect gives up for now (the next wake-up tries again). Internal, not a
+#: setting: a busy lock only delays intake, it loses nothing.
+LOCK_ATTEMPTS = 20
+LOCK_INTERVAL = 0.5
 _LOCK_TAG_RE = re.compile(rb"mailsh (\d+) (\S+)\n")
 
 
@@ -118,8 +123,8 @@ class MboxIntake:
         path: Path,
         spool: Spool,
         *,
-        lock_attempts: int = 20,
-        lock_interval: float = 0.5,
+        lock_attempts: int = LOCK_ATTEMPTS,
+        lock_interval: float = LOCK_INTERVAL,
         max_message_bytes: int | None = None,
     ) -> None:
         self.path = Path(path)
@@ -139,18 +144,7 @@ class MboxIntake:
         a second hard link; the same for ``PATH.lock``) is logged, recorded for
         ``mailsh status`` and left untouched (``intake_files``); that returns ``[]``.
         """
-        dir_fd = open_dir(self.path.parent)
-        if dir_fd is None:
-            return []
-        try:
-            spooled = self._collect_in(dir_fd)
-        except MailboxRefusedError as exc:
-            self.refusals.refuse(exc)
-            return []
-        finally:
-            os.close(dir_fd)
-        self.refusals.accept()
-        return spooled
+        return self.refusals.collect(lambda fds: self._collect_in(fds[0]))
 
     def _collect_in(self, dir_fd: int) -> list[SpooledMessage]:
         try:

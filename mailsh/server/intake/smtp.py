@@ -19,13 +19,9 @@ message in the spool before saying so:
   (minus dot-stuffing): aiosmtpd's ``envelope.original_content``, no trace header added.
 - No exception ends the server (P11): a failing session is logged and answered with a
   4xx reply by :meth:`_Handler.handle_exception`.
-- No peer can take the listener for itself (P11, :class:`SmtpLimits`): sessions are
-  capped in total and, well below that, per peer address (an IPv6 peer counts per /64),
-  so one flooding host cannot lock the others out. A client silent for ``idle_timeout``,
-  or taking more than ``command_timeout`` from one command to the next (a slow DATA
-  included), and a session past ``max_messages`` transactions, get ``421`` and are
-  closed. A connection over a session cap is answered ``421`` at once and closed without
-  starting a session.
+- No peer can take the listener for itself (P11): sessions are capped in total and per
+  peer, idle and slow clients are closed with ``421``
+  (:mod:`mailsh.server.intake.smtp_limits`).
 
 Line endings: aiosmtpd 1.4.6 reads DATA lines up to CRLF only (its SMTP-smuggling fix)
 and refuses any "line" longer than 1001 bytes. A client sending bare-LF line endings
@@ -47,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import errno
-import ipaddress
 import logging
 import socket
 import threading
@@ -60,62 +55,25 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailsh.errors import TransportError
 from mailsh.server.diskspace import SMTP_PAUSED
+from mailsh.server.intake.smtp_limits import MAX_RECIPIENTS, Admission, LimitedSMTP, SmtpLimits
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 10_000_000
-"""Largest message accepted (DATA bytes); bigger ones get 552."""
-MAX_RECIPIENTS = 100
-"""RCPT TO commands accepted per message; more get 452 4.5.3."""
-OTHER_COMMANDS_SLACK = 20
-"""Each command other than MAIL, RCPT and DATA (NOOP, RSET, EHLO, ...) is accepted
-``max_messages + OTHER_COMMANDS_SLACK`` times per session, then 421 (no endless NOOPs)."""
+"""Largest message accepted (DATA bytes) when the caller names no limit; bigger ones get
+552. serve always passes its ``max_message_bytes`` setting; this default serves others."""
 SPOOL_WORKERS = 4
-"""Threads running ``spool.put`` at the same time; further messages wait for one."""
+"""Threads running ``spool.put`` at the same time; further messages wait for one.
+Internal tuning, not a setting: the disk, not this, bounds how fast mail is stored."""
 LOOP_ERROR_LOG_INTERVAL = 10.0
-"""Seconds between two log lines about the same listener error (an EMFILE flood)."""
-START_TIMEOUT = 10.0
-"""Seconds :meth:`SmtpListener.start` waits for the socket to be bound."""
+"""Seconds between two log lines about the same listener error (an EMFILE flood).
+Internal, not a setting: it only thins out the log."""
 STOP_TIMEOUT = 30.0
-"""Seconds :meth:`SmtpListener.stop` waits for sessions to end."""
+"""Seconds :meth:`SmtpListener.stop` waits for sessions to end. Internal, not a setting:
+sessions are cancelled at once and only unwind here; serve's ``shutdown_grace`` is for
+commands."""
 SPOOL_SOURCE = "smtp"
 """Intake name given to ``spool.put`` (the spool records where a message came from)."""
-
-
-@dataclass(frozen=True)
-class SmtpLimits:
-    """What one SMTP client may take (the ``smtp_*`` settings; docs/server.md).
-
-    ``max_sessions``: concurrent sessions in total. ``max_sessions_per_peer``: concurrent
-    sessions from one peer address (IPv6: one /64), at most ``max_sessions``.
-    ``idle_timeout``: seconds a client may send nothing at all. ``command_timeout``:
-    seconds from one accepted command to the next, so it also bounds a whole DATA
-    transfer (aiosmtpd's ``timeout``, RFC 5321 4.5.3.2). ``max_messages``: mail
-    transactions (``MAIL FROM``) per session.
-    """
-
-    max_sessions: int = 100
-    max_sessions_per_peer: int = 10
-    idle_timeout: float = 60.0
-    command_timeout: float = 300.0
-    max_messages: int = 50
-
-    def __post_init__(self) -> None:
-        if min(self.max_sessions, self.max_sessions_per_peer, self.max_messages) < 1:
-            raise ValueError("SMTP session and message limits must be >= 1")
-        if not (self.idle_timeout > 0 and self.command_timeout > 0):
-            raise ValueError("SMTP timeouts must be positive")
-        if self.max_sessions_per_peer > self.max_sessions:
-            raise ValueError("max_sessions_per_peer must not exceed max_sessions")
-
-    def call_limits(self) -> dict[str, int]:
-        """aiosmtpd's ``command_call_limit``: per-session budgets, 421 once spent."""
-        return {
-            "MAIL": self.max_messages,
-            "DATA": self.max_messages,
-            "RCPT": self.max_messages * MAX_RECIPIENTS,
-            "*": self.max_messages + OTHER_COMMANDS_SLACK,
-        }
 
 
 class SpoolLike(Protocol):
@@ -144,13 +102,11 @@ class _Handler:
         *,
         spool: SpoolLike,
         accept: Callable[[str], bool],
-        on_message: Callable[[], None] | None,
         executor: concurrent.futures.Executor,
         accepting: Callable[[], bool] | None = None,
     ) -> None:
         self._spool = spool
         self._accept = accept
-        self._on_message = on_message
         self._executor = executor
         self._accepting = accepting
 
@@ -225,146 +181,11 @@ class _Handler:
             envelope.mail_from,
             envelope.rcpt_tos,
         )
-        if self._on_message is not None:
-            try:
-                self._on_message()
-            except Exception:
-                log.exception("smtp: on_message callback failed (message %s is spooled)", ident)
         return f"250 2.0.0 queued as {ident}"
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("smtp: session error", exc_info=error)
         return "451 4.3.0 internal error, try again later"
-
-
-def peer_key(peer: object) -> str:
-    """The address a peer's sessions are counted under: the IPv4 address (also when
-    IPv4-mapped), the /64 network of an IPv6 address (one host usually holds a whole /64),
-    else the text of whatever the transport reported."""
-    host = peer[0] if isinstance(peer, tuple) and peer else peer
-    try:
-        address = ipaddress.ip_address(str(host).split("%", 1)[0])
-    except ValueError:
-        return str(host)
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
-
-
-class _Admission:
-    """Open sessions in total and per peer. Used only from the listener's event loop
-    thread, so it needs no lock."""
-
-    def __init__(self, limits: SmtpLimits) -> None:
-        self.limits = limits
-        self.total = 0
-        self.per_peer: dict[str, int] = {}
-
-    def admit(self, key: str) -> str | None:
-        """Count a new session from ``key``; or say why not (nothing is counted then)."""
-        if self.total >= self.limits.max_sessions:
-            return "too many connections"
-        if self.per_peer.get(key, 0) >= self.limits.max_sessions_per_peer:
-            return "too many connections from your address"
-        self.total += 1
-        self.per_peer[key] = self.per_peer.get(key, 0) + 1
-        return None
-
-    def release(self, key: str) -> None:
-        self.total -= 1
-        left = self.per_peer[key] - 1
-        if left:
-            self.per_peer[key] = left
-        else:
-            del self.per_peer[key]
-
-
-class _LimitedSMTP(SMTP):
-    """aiosmtpd's SMTP session with admission control and an idle timeout.
-
-    ``connection_made`` admits the connection or answers 421 and closes it before any
-    session exists; ``data_received`` records the last input for the idle timer; the
-    command timeout is aiosmtpd's own ``timeout``, whose callback is extended to say 421.
-    """
-
-    def __init__(
-        self, handler: object, *, admission: _Admission, limits: SmtpLimits, **kwargs: Any
-    ) -> None:
-        super().__init__(
-            handler,
-            timeout=limits.command_timeout,
-            command_call_limit=limits.call_limits(),
-            **kwargs,
-        )
-        self._admission = admission
-        self._idle_timeout = limits.idle_timeout
-        self._peer_key: str | None = None  # set once admitted
-        self._last_input = 0.0
-        self._idle_handle: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._peer_key is not None:  # a second call (STARTTLS upgrade): no new session
-            super().connection_made(transport)
-            return
-        peer = transport.get_extra_info("peername")
-        key = peer_key(peer)
-        refusal = self._admission.admit(key)
-        if refusal is not None:
-            log.warning("smtp %s: refused, %s (421)", key, refusal)
-            if isinstance(transport, asyncio.WriteTransport):
-                transport.write(f"421 4.7.0 {self.hostname} {refusal}, try later\r\n".encode())
-            transport.close()
-            return
-        self._peer_key = key
-        super().connection_made(transport)
-        self._last_input = self.loop.time()
-        self._idle_handle = self.loop.call_later(self._idle_timeout, self._idle_check)
-
-    def data_received(self, data: bytes) -> None:
-        if self._peer_key is None:  # refused: there is no session to feed
-            return
-        self._last_input = self.loop.time()
-        super().data_received(data)
-
-    def eof_received(self) -> bool | None:
-        if self._peer_key is None:
-            return False
-        return super().eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        key, self._peer_key = self._peer_key, None
-        if key is None:  # refused at connection_made: aiosmtpd never set up
-            return
-        self._admission.release(key)
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-        super().connection_lost(exc)
-
-    def _idle_check(self) -> None:
-        if self.transport is None:
-            return
-        left = self._last_input + self._idle_timeout - self.loop.time()
-        if left > 0:
-            self._idle_handle = self.loop.call_later(left, self._idle_check)
-            return
-        log.info("smtp %s: idle for %ss, closing (421)", self._peer_key, self._idle_timeout)
-        self._say_and_close("421 4.4.2 idle too long, closing")
-
-    def _timeout_cb(self) -> None:
-        """aiosmtpd's command timeout (``timeout``): say 421 before it closes."""
-        log.info(
-            "smtp %s: no command for %ss, closing (421)", self._peer_key, self._timeout_duration
-        )
-        self._say_and_close("421 4.4.2 command timeout, closing")
-
-    def _say_and_close(self, reply: str) -> None:
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
-            transport.write(f"{reply}\r\n".encode())
-        if transport is not None:
-            transport.close()
 
 
 def _peer(session: Session) -> str:
@@ -428,39 +249,32 @@ async def _shutdown(server: asyncio.AbstractServer) -> None:
 
 def listen_error(host: str, port: int, exc: OSError) -> TransportError:
     """Why the listener cannot bind to HOST:PORT, and what to do, in the user's terms."""
-    where = f"{host}:{port}"
+    why: object
     if isinstance(exc, socket.gaierror):
-        return TransportError(
-            f"cannot listen on {where}: the host name {host!r} does not resolve ({exc.strerror})",
-            hint="give an address of this machine, e.g. --smtp-listen 127.0.0.1:2525",
+        why = f"the host name {host!r} does not resolve ({exc.strerror})"
+        hint = "give an address of this machine, e.g. --smtp-listen 127.0.0.1:2525"
+    elif exc.errno == errno.EADDRINUSE:
+        why = "the port is already in use"
+        hint = f"choose another port, or find what uses it: ss -ltnp 'sport = :{port}'"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        why = f"{host} is not an address of this machine"
+        hint = "use one of `ip -brief address`, 127.0.0.1, or 0.0.0.0 for all"
+    elif exc.errno == errno.EACCES:
+        why = "permission denied"
+        hint = (
+            "ports below 1024 need root or CAP_NET_BIND_SERVICE; use e.g. port 2525 behind your MTA"
         )
-    if exc.errno == errno.EADDRINUSE:
-        return TransportError(
-            f"cannot listen on {where}: the port is already in use",
-            hint=f"choose another port, or find what uses it: ss -ltnp 'sport = :{port}'",
-        )
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return TransportError(
-            f"cannot listen on {where}: {host} is not an address of this machine",
-            hint="use one of `ip -brief address`, 127.0.0.1, or 0.0.0.0 for all",
-        )
-    if exc.errno == errno.EACCES:
-        return TransportError(
-            f"cannot listen on {where}: permission denied",
-            hint="ports below 1024 need root or CAP_NET_BIND_SERVICE; use e.g. port 2525 "
-            "behind your MTA",
-        )
-    return TransportError(
-        f"cannot listen on {where}: {exc.strerror or exc}",
-        hint="check --smtp-listen HOST:PORT",
-    )
+    else:
+        why = exc.strerror or exc
+        hint = "check --smtp-listen HOST:PORT"
+    return TransportError(f"cannot listen on {host}:{port}: {why}", hint=hint)
 
 
 class SmtpListener:
     """An SMTP server on ``host:port`` feeding ``spool``, run in a background thread.
 
-    ``accept(address)`` says which ``RCPT TO`` addresses are ours. ``on_message`` is
-    called (from a listener thread) after each message was spooled, to wake the daemon.
+    ``accept(address)`` says which ``RCPT TO`` addresses are ours. Nothing is called
+    after a message was spooled: the daemon's watcher sees it arrive in the spool.
     ``limits`` bound what clients may take (:class:`SmtpLimits`, defaults as the settings).
     With ``port=0`` the system picks a free port; after :meth:`start`, ``self.port`` is
     the bound one. ``hostname`` is the name in the greeting (default: this host's FQDN,
@@ -476,7 +290,6 @@ class SmtpListener:
         spool: SpoolLike,
         accept: Callable[[str], bool],
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        on_message: Callable[[], None] | None = None,
         hostname: str | None = None,
         limits: SmtpLimits | None = None,
         accepting: Callable[[], bool] | None = None,
@@ -489,7 +302,6 @@ class SmtpListener:
         self._hostname = hostname
         self._spool = spool
         self._accept = accept
-        self._on_message = on_message
         self.limits = limits or SmtpLimits()
         self._accepting = accepting
         self._running: _Running | None = None
@@ -508,16 +320,15 @@ class SmtpListener:
         handler = _Handler(
             spool=self._spool,
             accept=self._accept,
-            on_message=self._on_message,
             executor=executor,
             accepting=self._accepting,
         )
         loop = asyncio.new_event_loop()
         loop.set_exception_handler(_LoopErrors())
-        admission = _Admission(self.limits)
+        admission = Admission(self.limits)
 
         def factory() -> SMTP:
-            return _LimitedSMTP(
+            return LimitedSMTP(
                 handler,
                 admission=admission,
                 limits=self.limits,

@@ -14,13 +14,8 @@ from pathlib import Path
 import pytest
 
 from mailsh.errors import ConfigError
-from mailsh.server.execute import (
-    SAFE_PATH,
-    ExecLimits,
-    ExecResult,
-    current_user_is_root,
-    run_command,
-)
+from mailsh.server.account import SAFE_PATH, current_user_is_root
+from mailsh.server.execute import ExecLimits, ExecResult, run_command
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -312,3 +307,9 @@ def test_limits_are_validated(kwargs: dict[str, float]) -> None:
 
 def test_current_user_is_root_matches_euid() -> None:
     assert current_user_is_root() is (os.geteuid() == 0)
+
+
+def test_kill_grace_setting_defaults_to_the_exec_limits_default(tmp_path: Path) -> None:
+    from mailsh.settings import load_settings
+
+    assert load_settings(home=tmp_path).kill_grace == ExecLimits().kill_grace == 2.0

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from mailsh.server.intake.smtp import SmtpLimits, SmtpListener, peer_key
+from mailsh.server.intake.smtp import SmtpListener
+from mailsh.server.intake.smtp_limits import SmtpLimits, peer_key
 from mailsh.server.spool import Spool
 from mailsh.settings import load_settings
 
@@ -173,13 +174,7 @@ def test_peer_key_groups_an_ipv6_host_by_its_64(peer: object, key: str) -> None:
 
 def test_settings_defaults_match_the_listener_defaults(tmp_path: Path) -> None:
     s = load_settings(home=tmp_path)
-    assert SmtpLimits() == SmtpLimits(
-        max_sessions=s.smtp_max_sessions,
-        max_sessions_per_peer=s.smtp_max_sessions_per_peer,
-        idle_timeout=s.smtp_idle_timeout,
-        command_timeout=s.smtp_command_timeout,
-        max_messages=s.smtp_max_messages,
-    )
+    assert SmtpLimits() == SmtpLimits.from_settings(s)
     assert SmtpLimits().max_sessions_per_peer * 5 <= SmtpLimits().max_sessions
 
 
