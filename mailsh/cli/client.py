@@ -33,7 +33,7 @@ from mailsh.cli import (
 
 if TYPE_CHECKING:
     from mailsh.client.pending import PendingRequest
-    from mailsh.client.wait import ReplySource
+    from mailsh.client.sources import ReplySource
     from mailsh.protocol import Notice, Reply
     from mailsh.settings import Settings
 
@@ -241,7 +241,7 @@ def send(
         sent = submit_request(settings, prepared)
         typer.echo(sent.request_id)
         return
-    from mailsh.client.wait import open_source
+    from mailsh.client.sources import open_source
 
     # Watch the reply mailbox before sending, so nothing can arrive unseen (and an IMAP
     # login failure stops us while nothing has been sent).

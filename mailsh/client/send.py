@@ -34,7 +34,7 @@ from mailsh.errors import ConfigError, MailshError, TrustError, UsageError
 from mailsh.mail.mailer import Outbound, outbound_from_settings
 
 if TYPE_CHECKING:
-    from mailsh.client.wait import ReplyMailbox
+    from mailsh.client.sources import ReplyMailbox
     from mailsh.keys.gpg import Gpg
     from mailsh.keys.trust import TrustedKey, TrustStore
     from mailsh.protocol import Request
@@ -209,7 +209,7 @@ def prepare_request(
     informational lines (e.g. "the mbox does not exist yet"), ``on_warning`` warnings.
     """
     from mailsh.addresses import validate_address
-    from mailsh.client.wait import choose_mailbox
+    from mailsh.client.sources import choose_mailbox
     from mailsh.keys.identity import require_identity
     from mailsh.keys.trust import load_trust
     from mailsh.seal import seal_request

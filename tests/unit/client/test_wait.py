@@ -19,21 +19,23 @@ from pydantic import SecretStr
 from mailsh.client.imap import ImapWatcher
 from mailsh.client.pending import PendingStore
 from mailsh.client.send import SentRequest, mbox_mark, send_request
-from mailsh.client.wait import (
+from mailsh.client.sources import (
     ImapSource,
     MaildirSource,
+    imap_search_date,
+    imap_start_uid,
+    mbox_start,
+    open_source,
+)
+from mailsh.client.wait import (
     RemoteFailureError,
     ReplyMatcher,
     await_reply,
     exit_status,
     failure,
     ignored_summary,
-    imap_search_date,
-    imap_start_uid,
     looks_like_reply,
-    mbox_start,
     notes,
-    open_source,
     reply_fingerprint,
     reply_json,
 )
