@@ -38,8 +38,6 @@ from mailsh.errors import TransportError
 
 #: Re-issue IDLE before servers drop it (RFC 2177: at least every 29 minutes).
 IDLE_RENEW_SECONDS = 25 * 60
-#: Messages larger than this are skipped (never fetched), see ``ImapWatcher.skipped``.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 _FETCH_UID = re.compile(rb"\bUID (\d+)")
 _FETCH_SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
@@ -62,6 +60,9 @@ class ImapWatcher:
     across a reconnect, UIDs restart: everything is returned again (duplicates are
     possible, a loss is not).
 
+    Messages larger than ``max_message_bytes`` are skipped, never fetched (``wait-reply``
+    passes the ``max_reply_bytes`` setting); None reads every message.
+
     Connection drops are retried ``max_reconnects`` times in a row with exponential
     backoff, then :class:`TransportError` is raised. A refused login is never retried.
     """
@@ -79,7 +80,7 @@ class ImapWatcher:
         max_reconnects: int = 5,
         backoff: float = 0.5,
         idle_renew: float = IDLE_RENEW_SECONDS,
-        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        max_message_bytes: int | None = None,
     ) -> None:
         self.target = target
         self._password = password
@@ -93,7 +94,7 @@ class ImapWatcher:
         self.max_message_bytes = max_message_bytes
         self.last_uid: int | None = since_uid
         self.uidvalidity: int | None = None
-        #: UIDs skipped because they exceeded ``max_message_bytes``.
+        #: UIDs skipped because they exceeded ``max_message_bytes`` (None: no limit).
         self.skipped: list[int] = []
         #: How many times the connection was re-established (for tests and diagnostics).
         self.reconnects = 0
@@ -244,7 +245,7 @@ class ImapWatcher:
                 sizes[int(m_uid.group(1))] = int(m_size.group(1))
         messages: list[bytes] = []
         for uid in sorted(sizes):
-            if sizes[uid] > self.max_message_bytes:
+            if self.max_message_bytes is not None and sizes[uid] > self.max_message_bytes:
                 self.skipped.append(uid)
             else:
                 messages.append(self._fetch_one(uid))

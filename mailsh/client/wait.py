@@ -228,7 +228,7 @@ def await_reply(
             trust=trust,
             record=record,
             server_fingerprint=reply_fingerprint(record, trust),
-            max_bytes=settings.max_message_bytes,
+            max_bytes=settings.max_reply_bytes,
             passphrase=settings.passphrase(),
             on_notice=on_notice,
         )
