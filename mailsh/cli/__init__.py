@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from mailsh.settings import Settings
 
 EXIT_CODES_HELP = (
-    "Exit codes: 0 success; 2 usage error; 75 (deliver) temporary failure, the MTA retries; "
+    "Exit codes: 0 success; 2 usage error; 73 (deliver) message too large, the MTA bounces "
+    "it; 75 (deliver) temporary failure, the MTA retries; "
     "255 mailsh itself failed; wait-reply and send --wait pass the remote command's status "
     "through (128+N when killed by signal N), like ssh."
 )

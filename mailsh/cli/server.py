@@ -423,40 +423,7 @@ def deliver() -> None:
     --min-free-space (MAILSH_MIN_FREE_SPACE). Run `mailsh serve` on the same --home to
     process what was delivered.
     """
-    from mailsh.errors import DeliveryTempFailError, MailshError
+    from mailsh.server.intake.pipe import deliver as deliver_message
 
-    try:
-        from mailsh.server.spool import Spool
-
-        settings = settings_from()
-        _check_free_space(settings)
-        data = sys.stdin.buffer.read(settings.max_message_bytes + 1)
-        if len(data) > settings.max_message_bytes:
-            say(f"mailsh deliver: message larger than {settings.max_message_bytes} bytes")
-            raise typer.Exit(73)  # EX_CANTCREAT: permanent, the MTA bounces it
-        stored = Spool(settings.spool_dir).put(data, source="pipe")
-    except MailshError as exc:
-        raise DeliveryTempFailError(
-            f"could not store the message: {exc.message}", hint=exc.hint
-        ) from exc
-    except OSError as exc:
-        raise DeliveryTempFailError(f"could not store the message: {exc}") from exc
+    stored = deliver_message(settings_from, sys.stdin.buffer)
     say(f"stored as {stored.id}")
-
-
-def _check_free_space(settings: Settings) -> None:
-    """``deliver`` below the free-space floor: a temporary failure, the MTA keeps the mail."""
-    from mailsh.errors import DeliveryTempFailError
-    from mailsh.server.diskspace import free_bytes
-    from mailsh.units import format_size
-
-    if settings.min_free_space <= 0:
-        return
-    free = free_bytes(settings.home)
-    if free < settings.min_free_space:
-        raise DeliveryTempFailError(
-            f"only {format_size(free)} free on {settings.home}, below --min-free-space "
-            f"{format_size(settings.min_free_space)}; the MTA keeps the message and retries",
-            hint="free some disk space (mailsh serve prunes spool/done/ by --retention) or "
-            "lower MAILSH_MIN_FREE_SPACE",
-        )
