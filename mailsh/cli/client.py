@@ -328,35 +328,19 @@ def _wait_and_render(
     source: ReplySource | None = None,
     sent: bool = False,
 ) -> NoReturn:
-    """Wait for the reply to ``record`` and render it. With ``sent`` (``send --wait``)
-    any failure of the wait itself says that the request went out and may run, and how
-    to go on waiting: the request id is never lost, even when stderr is not a terminal."""
-    from mailsh.client.wait import RemoteFailureError, await_reply
-    from mailsh.errors import MailshError, WaitTimeoutError
+    """Wait for the reply to ``record`` and render it; ``sent``: see
+    :func:`~mailsh.client.wait.resumable_wait`."""
+    from mailsh.client.wait import await_reply, resumable_wait
 
-    rid = record.request_id
-    try:
-        with _spinner(rid):
-            reply = await_reply(
-                settings,
-                gpg_for(settings),
-                record,
-                on_warning=_note,
-                on_notice=_notice,
-                source=source,
-            )
-    except KeyboardInterrupt:
-        raise MailshError(
-            f"interrupted while waiting for the reply to {rid}; the request may still run",
-            hint=f"check later with: mailsh wait-reply {rid}",
-        ) from None
-    except MailshError as exc:
-        if not sent or isinstance(exc, (RemoteFailureError, WaitTimeoutError)):
-            raise
-        raise MailshError(
-            f"request {rid} was sent and may run, but waiting for its reply failed: {exc.message}",
-            hint=f"{exc.hint + '; then: ' if exc.hint else ''}mailsh wait-reply {rid}",
-        ) from exc
+    with resumable_wait(record, sent=sent), _spinner(record.request_id):
+        reply = await_reply(
+            settings,
+            gpg_for(settings),
+            record,
+            on_warning=_note,
+            on_notice=_notice,
+            source=source,
+        )
     render_reply(reply, json_out=json_out)
 
 

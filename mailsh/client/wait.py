@@ -13,9 +13,10 @@ ignored and its reason remembered, so a timeout can say "only invalid replies ar
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -245,6 +246,32 @@ def await_reply(
     if record.answered_at is None:
         PendingStore(settings.home).mark_answered(record, now=datetime.now(UTC))
     return reply
+
+
+@contextlib.contextmanager
+def resumable_wait(record: PendingRequest, *, sent: bool = False) -> Iterator[None]:
+    """Around a wait the user can take up again with ``mailsh wait-reply ID``.
+
+    An interruption says the request may still run and how to go on waiting. With
+    ``sent`` (``send --wait``: the request left moments ago) any other failure of the
+    wait itself says so too, so the request id is never lost, even when stderr is not a
+    terminal; a timeout already says both.
+    """
+    rid = record.request_id
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise MailshError(
+            f"interrupted while waiting for the reply to {rid}; the request may still run",
+            hint=f"check later with: mailsh wait-reply {rid}",
+        ) from None
+    except MailshError as exc:
+        if not sent or isinstance(exc, WaitTimeoutError):
+            raise
+        raise MailshError(
+            f"request {rid} was sent and may run, but waiting for its reply failed: {exc.message}",
+            hint=f"{exc.hint + '; then: ' if exc.hint else ''}mailsh wait-reply {rid}",
+        ) from exc
 
 
 # -- what the reply means to the caller --------------------------------------------------

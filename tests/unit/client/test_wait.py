@@ -38,8 +38,16 @@ from mailsh.client.wait import (
     notes,
     reply_fingerprint,
     reply_json,
+    resumable_wait,
 )
-from mailsh.errors import ConfigError, TransportError, TrustError, UsageError, WaitTimeoutError
+from mailsh.errors import (
+    ConfigError,
+    MailshError,
+    TransportError,
+    TrustError,
+    UsageError,
+    WaitTimeoutError,
+)
 from mailsh.keys.trust import TrustStore, load_trust
 from mailsh.protocol import Reply, ReplyStatus
 from tests.conftest import Home
@@ -412,6 +420,29 @@ def test_ignored_summary() -> None:
     assert ignored_summary([]) == ""
     assert ignored_summary(["a"]) == "1 invalid reply ignored (a)"
     assert ignored_summary(["a", "b", "a"]) == "3 invalid replies ignored (a, b)"
+
+
+def test_resumable_wait_names_the_request_and_how_to_go_on_waiting(
+    rig: Rig, sink: tuple[Sink, str]
+) -> None:
+    sent, _ = _sent(rig, sink)
+    rid = sent.request_id
+    with pytest.raises(MailshError) as err, resumable_wait(sent.pending):
+        raise KeyboardInterrupt
+    assert err.value.message.startswith(f"interrupted while waiting for the reply to {rid}")
+    assert err.value.hint == f"check later with: mailsh wait-reply {rid}"
+    with pytest.raises(TransportError), resumable_wait(sent.pending):  # wait-reply: as is
+        raise TransportError("no mailbox", hint="fix it")
+    with pytest.raises(MailshError) as err, resumable_wait(sent.pending, sent=True):
+        raise TransportError("no mailbox", hint="fix it")
+    assert err.value.message == (
+        f"request {rid} was sent and may run, but waiting for its reply failed: no mailbox"
+    )
+    assert err.value.hint == f"fix it; then: mailsh wait-reply {rid}"
+    timeout = WaitTimeoutError("no reply")
+    with pytest.raises(WaitTimeoutError) as caught, resumable_wait(sent.pending, sent=True):
+        raise timeout
+    assert caught.value is timeout  # already says both
 
 
 # --------------------------------------------------------------------------- IMAP
