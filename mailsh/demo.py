@@ -239,7 +239,7 @@ def run_demo(
 
     With ``keep`` the homes are made in that directory (new or empty) and left there,
     wired as a playground (:class:`Playground`)."""
-    from mailsh.client.send import send_request
+    from mailsh.client.send import prepare_request, submit_request
     from mailsh.client.wait import await_reply
     from mailsh.mail.mailer import Outbound
     from mailsh.mail.transport import parse_smtp_url
@@ -289,13 +289,16 @@ def run_demo(
 
         progress(f"sending {command!r} to {SERVER_ADDRESS} (signed and encrypted)")
         t = time.monotonic()
-        sent = send_request(
+        sent = submit_request(
             client.settings,
-            client.gpg,
-            command=command,
-            to=SERVER_ADDRESS,
-            require_server_key=True,
-            outbound=Outbound(smtp=parse_smtp_url(f"smtp://127.0.0.1:{server_port}")),
+            prepare_request(
+                client.settings,
+                client.gpg,
+                command=command,
+                to=SERVER_ADDRESS,
+                require_server_key=True,
+                outbound=Outbound(smtp=parse_smtp_url(f"smtp://127.0.0.1:{server_port}")),
+            ),
         )
         step("sign, encrypt, send", t)
 

@@ -334,38 +334,3 @@ def submit_request(settings: Settings, prepared: PreparedRequest) -> SentRequest
         warnings=prepared.warnings,
         mailbox=prepared.mailbox,
     )
-
-
-def send_request(
-    settings: Settings,
-    gpg: Gpg,
-    *,
-    command: str,
-    to: str,
-    from_addr: str | None = None,
-    stdin: bytes | None = None,
-    timeout: float | None = None,
-    encrypt: bool = True,
-    require_server_key: bool = False,
-    outbound: Outbound | None = None,
-    now: datetime | None = None,
-    on_warning: Callable[[str], None] | None = None,
-) -> SentRequest:
-    """:func:`prepare_request` then :func:`submit_request`: returns once the mail was
-    accepted. Warnings (e.g. "not encrypted") go to ``on_warning`` and into
-    :attr:`SentRequest.warnings`."""
-    prepared = prepare_request(
-        settings,
-        gpg,
-        command=command,
-        to=to,
-        from_addr=from_addr,
-        stdin=stdin,
-        timeout=timeout,
-        encrypt=encrypt,
-        require_server_key=require_server_key,
-        outbound=outbound,
-        now=now,
-        on_warning=on_warning,
-    )
-    return submit_request(settings, prepared)

@@ -18,7 +18,7 @@ from pydantic import SecretStr
 
 from mailsh.client.imap import ImapWatcher
 from mailsh.client.pending import PendingStore
-from mailsh.client.send import SentRequest, mbox_mark, send_request
+from mailsh.client.send import SentRequest, mbox_mark, prepare_request, submit_request
 from mailsh.client.sources import (
     ImapSource,
     MaildirSource,
@@ -86,8 +86,9 @@ def _send(rig: Rig, sink: tuple[Sink, str], command: str = "id", **changes: obje
     """Send a request; return the request mail the SMTP server received."""
     box, url = sink
     count = len(box.messages)
-    sent = send_request(
-        rig.settings(smtp=url, **changes), rig.client.gpg, command=command, to=rig.server.email
+    settings = rig.settings(smtp=url, **changes)
+    sent = submit_request(
+        settings, prepare_request(settings, rig.client.gpg, command=command, to=rig.server.email)
     )
     box.wait_for(count + 1)
     raw = box.messages[count][2]
@@ -98,8 +99,9 @@ def _send(rig: Rig, sink: tuple[Sink, str], command: str = "id", **changes: obje
 def _sent(rig: Rig, sink: tuple[Sink, str], **changes: object) -> tuple[SentRequest, bytes]:
     box, url = sink
     count = len(box.messages)
-    sent = send_request(
-        rig.settings(smtp=url, **changes), rig.client.gpg, command="id", to=rig.server.email
+    settings = rig.settings(smtp=url, **changes)
+    sent = submit_request(
+        settings, prepare_request(settings, rig.client.gpg, command="id", to=rig.server.email)
     )
     box.wait_for(count + 1)
     return sent, box.messages[count][2]
