@@ -162,7 +162,7 @@ class PreparedRequest:
 
 @dataclass(frozen=True)
 class SentRequest:
-    """What :func:`send_request` did."""
+    """What :func:`submit_request` did: the request left, as far as this side can know."""
 
     sealed: SealedRequest
     pending: PendingRequest
