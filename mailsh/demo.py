@@ -29,6 +29,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mailsh.client.sources import open_source
 from mailsh.errors import MailshError
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.identity import export_public, generate
@@ -305,7 +306,11 @@ def run_demo(
         progress("waiting for the signed, encrypted reply")
         t = time.monotonic()
         reply = await_reply(
-            client.settings, client.gpg, sent.pending, maildir=maildir, timeout=timeout
+            client.settings,
+            client.gpg,
+            sent.pending,
+            timeout=timeout,
+            source=open_source(client.settings, sent.pending, maildir=maildir),
         )
         step("verify, run, reply, verify", t)
         playground = None

@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mailsh.errors import MailshError, TrustError, WaitTimeoutError
@@ -204,9 +203,6 @@ def await_reply(
     gpg: Gpg,
     record: PendingRequest,
     *,
-    mbox: Path | None = None,
-    maildir: Path | None = None,
-    imap: str | None = None,
     timeout: float | None = None,
     on_warning: Callable[[str], None] | None = None,
     on_notice: Callable[[Notice], None] | None = None,
@@ -215,8 +211,10 @@ def await_reply(
     """Everything ``mailsh wait-reply`` does before printing: find and verify the reply.
 
     ``source`` is a mailbox opened before the request was sent (``send --wait`` watches
-    first, then sends); it is closed here. Notices about the request go to ``on_notice``
-    and never end the wait. Marks the pending record answered once the reply is accepted.
+    first, then sends); without it the reply mailbox of ``settings`` is opened here
+    (:func:`~mailsh.client.sources.open_source`, warnings to ``on_warning``). The source
+    is closed here. Notices about the request go to ``on_notice`` and never end the
+    wait. Marks the pending record answered once the reply is accepted.
     """
     from mailsh.client.pending import PendingStore
     from mailsh.client.sources import open_source
@@ -234,9 +232,7 @@ def await_reply(
             on_notice=on_notice,
         )
         if source is None:
-            source = open_source(
-                settings, record, mbox=mbox, maildir=maildir, imap=imap, on_warning=on_warning
-            )
+            source = open_source(settings, record, on_warning=on_warning)
         reply = wait_for_reply(
             matcher, source, timeout=settings.wait_timeout if timeout is None else timeout
         )
