@@ -13,7 +13,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -36,10 +36,29 @@ from mailsh.cli.options import (
 )
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from mailsh.client.pending import PendingRequest
     from mailsh.client.sources import ReplySource
     from mailsh.protocol import Notice, Reply
     from mailsh.settings import Settings
+
+
+def _reply_settings(
+    mbox: Path | None,
+    maildir: Path | None,
+    imap: str | None,
+    imap_ca_file: Path | None,
+    wait_timeout: float | None,
+) -> dict[str, Any]:
+    """The options of the reply mailbox and the wait (send and wait-reply) as settings."""
+    return {
+        "reply_mbox": mbox,
+        "reply_maildir": maildir,
+        "reply_imap": imap,
+        "imap_ca_file": imap_ca_file,
+        "wait_timeout": wait_timeout,
+    }
 
 
 def _flag(value: bool) -> bool | None:
@@ -148,11 +167,7 @@ def send(
         from_address=from_addr,
         require_tls=_flag(require_tls),
         smtp_ca_file=ca_file,
-        reply_mbox=mbox,
-        reply_maildir=maildir,
-        reply_imap=imap,
-        imap_ca_file=imap_ca_file,
-        wait_timeout=wait_timeout,
+        **_reply_settings(mbox, maildir, imap, imap_ca_file, wait_timeout),
         passphrase_file=passphrase_file,
     )
     data = read_stdin_arg(stdin) if stdin is not None else None
@@ -235,11 +250,7 @@ def wait_reply(
     elif wait_timeout is None:
         wait_timeout = old_timeout
     settings = settings_from(
-        reply_mbox=mbox,
-        reply_maildir=maildir,
-        reply_imap=imap,
-        imap_ca_file=imap_ca_file,
-        wait_timeout=wait_timeout,
+        **_reply_settings(mbox, maildir, imap, imap_ca_file, wait_timeout),
         passphrase_file=passphrase_file,
     )
     record = PendingStore(settings.home).load(request_id)
