@@ -18,7 +18,7 @@ import hashlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from mailsh.errors import MailshError, TrustError, WaitTimeoutError
@@ -75,6 +75,7 @@ class ReplyMatcher:
     record: PendingRequest
     server_fingerprint: str
     max_bytes: int
+    max_skew: timedelta  # the reply's signature time against this clock
     passphrase: str | None = None
     on_notice: Callable[[Notice], None] | None = None
     ignored: list[str] = field(default_factory=list)
@@ -107,6 +108,7 @@ class ReplyMatcher:
                 request_id=self.record.request_id,
                 request_sha256=self.record.payload_sha256,
                 now=datetime.now(UTC),
+                max_skew=self.max_skew,
                 max_bytes=self.max_bytes,
                 passphrase=self.passphrase,
             )
@@ -228,6 +230,7 @@ def await_reply(
             record=record,
             server_fingerprint=reply_fingerprint(record, trust),
             max_bytes=settings.max_reply_bytes,
+            max_skew=timedelta(seconds=settings.reply_clock_skew),
             passphrase=settings.passphrase(),
             on_notice=on_notice,
         )

@@ -47,10 +47,11 @@ from mailsh.errors import (
 )
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.trust import add_trusted_key, load_trust
-from mailsh.mail.mailer import Outbound, outbound_from_settings
-from mailsh.mail.transport import SmtpOptions, parse_smtp_url
+from mailsh.mail.message import read_mail
+from mailsh.mail.smtp_url import SmtpOptions, parse_smtp_url
+from mailsh.mail.transport import Transport, transport_from_settings
 from mailsh.protocol import Reply, ReplyStatus
-from mailsh.seal import VerifiedRequest, open_request, seal_reply
+from mailsh.seal import OpenPolicy, VerifiedRequest, open_request, seal_reply
 from mailsh.settings import Settings, ensure_home, load_settings
 from tests.conftest import Home
 
@@ -135,16 +136,16 @@ def make_rig(make_home: Callable[..., Home], server: Home, tmp: Path) -> Rig:
 
 def open_as_server(rig: Rig, raw: bytes, *, address: str | None = None) -> VerifiedRequest:
     """What ``mailsh serve`` does first: verify the received request mail."""
-    return open_request(
-        rig.server.gpg,
-        raw,
-        trust=load_trust(rig.server_trust),
-        server_addresses=[address or rig.server.email],
-        server_fingerprint=rig.server.fingerprint,
-        now=datetime.now(UTC),
+    policy = OpenPolicy(
+        addresses=(address or rig.server.email,),
+        fingerprint=rig.server.fingerprint,
         max_skew=timedelta(minutes=5),
         max_age=timedelta(days=1),
         max_bytes=10 * MiB,
+    )
+    mail = read_mail(raw, max_bytes=policy.max_bytes)
+    return open_request(
+        rig.server.gpg, mail, policy, trust=load_trust(rig.server_trust), now=datetime.now(UTC)
     )
 
 
@@ -368,12 +369,12 @@ def test_no_transport_configured(rig: Rig) -> None:
 
 def test_both_transports_configured_is_refused(rig: Rig) -> None:
     with pytest.raises(UsageError, match="choose one"):
-        outbound_from_settings(rig.settings(smtp="smtp://h:587", sendmail=Path("/bin/true")))
+        transport_from_settings(rig.settings(smtp="smtp://h:587", sendmail=Path("/bin/true")))
 
 
-def test_outbound_from_settings_carries_tls_options(rig: Rig, tmp_path: Path) -> None:
+def test_transport_from_settings_carries_tls_options(rig: Rig, tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
-    out = outbound_from_settings(
+    out = transport_from_settings(
         rig.settings(smtp="smtps://me@mail.test", require_tls=True, smtp_ca_file=ca)
     )
     assert out.smtp == parse_smtp_url("smtps://me@mail.test")
@@ -443,9 +444,9 @@ def test_from_address_setting_wins_over_key_email(rig: Rig, sink: tuple[Sink, st
     assert sent.sealed.request.reply_to == "ops@client.test"
 
 
-def test_outbound_needs_exactly_one_way() -> None:
+def test_transport_needs_exactly_one_way() -> None:
     with pytest.raises(UsageError):
-        Outbound()
+        Transport()
 
 
 # --------------------------------------------------------------------------- pieces

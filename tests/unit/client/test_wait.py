@@ -263,6 +263,7 @@ def test_matcher_checks_each_message_once(rig: Rig, sink: tuple[Sink, str]) -> N
         record=sent.pending,
         server_fingerprint=rig.server.fingerprint,
         max_bytes=1 << 20,
+        max_skew=timedelta(seconds=rig.client.settings.reply_clock_skew),
     )
     bad = _flip_one_armor_byte(mail)
     assert matcher.check(bad) is None
