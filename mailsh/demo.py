@@ -29,6 +29,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mailsh.client.sources import open_source
 from mailsh.errors import MailshError
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.identity import export_public, generate
@@ -239,7 +240,7 @@ def run_demo(
 
     With ``keep`` the homes are made in that directory (new or empty) and left there,
     wired as a playground (:class:`Playground`)."""
-    from mailsh.client.send import send_request
+    from mailsh.client.send import prepare_request, submit_request
     from mailsh.client.wait import await_reply
     from mailsh.mail.smtp_url import parse_smtp_url
     from mailsh.mail.transport import Transport
@@ -289,20 +290,27 @@ def run_demo(
 
         progress(f"sending {command!r} to {SERVER_ADDRESS} (signed and encrypted)")
         t = time.monotonic()
-        sent = send_request(
+        sent = submit_request(
             client.settings,
-            client.gpg,
-            command=command,
-            to=SERVER_ADDRESS,
-            require_server_key=True,
-            outbound=Transport(smtp=parse_smtp_url(f"smtp://127.0.0.1:{server_port}")),
+            prepare_request(
+                client.settings,
+                client.gpg,
+                command=command,
+                to=SERVER_ADDRESS,
+                require_server_key=True,
+                outbound=Transport(smtp=parse_smtp_url(f"smtp://127.0.0.1:{server_port}")),
+            ),
         )
         step("sign, encrypt, send", t)
 
         progress("waiting for the signed, encrypted reply")
         t = time.monotonic()
         reply = await_reply(
-            client.settings, client.gpg, sent.pending, maildir=maildir, timeout=timeout
+            client.settings,
+            client.gpg,
+            sent.pending,
+            timeout=timeout,
+            source=open_source(client.settings, sent.pending, maildir=maildir),
         )
         step("verify, run, reply, verify", t)
         playground = None

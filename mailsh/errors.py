@@ -22,14 +22,17 @@ if TYPE_CHECKING:
 class ExitCode(enum.IntEnum):
     """Exit codes of the ``mailsh`` command.
 
-    OK: success. USAGE: bad command line (typer/click's code). TEMPFAIL: ``mailsh deliver``
-    could not store a message; the MTA keeps it and retries (sysexits EX_TEMPFAIL).
+    OK: success. USAGE: bad command line (typer/click's code). CANTCREAT: ``mailsh deliver``
+    refused a message larger than ``max_message_bytes``; the MTA bounces it (sysexits
+    EX_CANTCREAT). TEMPFAIL: ``mailsh deliver`` could not store a message; the MTA keeps
+    it and retries (sysexits EX_TEMPFAIL).
     FAILURE: mailsh itself failed (like ssh's 255). Any other status of ``wait-reply`` is
     the remote command's own exit status.
     """
 
     OK = 0
     USAGE = 2
+    CANTCREAT = 73
     TEMPFAIL = 75
     FAILURE = 255
 
@@ -125,6 +128,12 @@ class DeliveryTempFailError(MailshError):
     """``mailsh deliver`` could not make a message durable; the MTA must retry."""
 
     exit_code = ExitCode.TEMPFAIL
+
+
+class DeliveryRefusedError(MailshError):
+    """``mailsh deliver`` will never store this message (too large); the MTA bounces it."""
+
+    exit_code = ExitCode.CANTCREAT
 
 
 def first_validation_error(exc: ValidationError) -> tuple[str, str]:

@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     reply_imap: str | None = Field(
         default=None, description="imap(s)://user@host[:port][/MAILBOX] the replies arrive in"
     )
+    max_reply_bytes: int = Field(
+        default=10 * MiB,
+        gt=0,
+        description="largest mail read as a reply; larger mail is ignored (over IMAP not fetched)",
+    )
     wait_timeout: float = Field(
         default=600.0, gt=0, description="seconds wait-reply waits for a reply"
     )

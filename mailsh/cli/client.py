@@ -13,89 +13,52 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from mailsh.cli import (
-    REMOTE_EXIT_CODES_HELP,
-    GlobalOpts,
+from mailsh.cli import REMOTE_EXIT_CODES_HELP, app, err_console, gpg_for, say, settings_from
+from mailsh.cli.command import GlobalOpts
+from mailsh.cli.options import (
+    ImapCaOpt,
+    ImapOpt,
+    JsonOpt,
+    MaildirOpt,
+    MboxOpt,
+    OptFloat,
+    OptStr,
+    PassphraseOpt,
     SendmailOpt,
     SmtpCaOpt,
     SmtpOpt,
-    app,
-    err_console,
-    gpg_for,
-    say,
-    settings_from,
+    option,
+    setting,
 )
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from mailsh.client.pending import PendingRequest
-    from mailsh.client.wait import ReplySource
+    from mailsh.client.sources import ReplySource
     from mailsh.protocol import Notice, Reply
     from mailsh.settings import Settings
 
-MboxOpt = Annotated[
-    Optional[Path],  # noqa: UP045 - typer needs Optional at runtime on 3.11
-    typer.Option(
-        "--mbox",
-        metavar="PATH",
-        envvar="MAILSH_REPLY_MBOX",
-        help="Read replies from this mbox file (read-only; e.g. /var/mail/$USER).",
-        show_default=False,
-    ),
-]
-MaildirOpt = Annotated[
-    Optional[Path],  # noqa: UP045
-    typer.Option(
-        "--maildir",
-        metavar="PATH",
-        envvar="MAILSH_REPLY_MAILDIR",
-        help="Read replies from this Maildir (read-only; e.g. ~/Maildir).",
-        show_default=False,
-    ),
-]
-ImapOpt = Annotated[
-    Optional[str],  # noqa: UP045
-    typer.Option(
-        "--imap",
-        metavar="URL",
-        envvar="MAILSH_REPLY_IMAP",
-        help="Read replies over IMAP (read-only, IDLE): imaps://user@host[:port] or "
-        "imap://user@host[:port] (STARTTLS); password from MAILSH_IMAP_PASSWORD.",
-        show_default=False,
-    ),
-]
-ImapCaOpt = Annotated[
-    Optional[Path],  # noqa: UP045
-    typer.Option(
-        "--imap-ca-file",
-        metavar="FILE",
-        envvar="MAILSH_IMAP_CA_FILE",
-        help="PEM file of the CA(s) to trust for the IMAP server (private CAs).",
-        show_default=False,
-    ),
-]
-JsonOpt = Annotated[
-    bool,
-    typer.Option(
-        "--json",
-        help="Print the whole reply as one JSON object (stdout/stderr base64) instead of "
-        "the output; the exit status is still the remote one.",
-    ),
-]
-PassphraseOpt = Annotated[
-    Optional[Path],  # noqa: UP045
-    typer.Option(
-        "--passphrase-file",
-        metavar="FILE",
-        envvar="MAILSH_PASSPHRASE_FILE",
-        help="File holding the passphrase of this home's key, if it has one.",
-        show_default=False,
-    ),
-]
+
+def _reply_settings(
+    mbox: Path | None,
+    maildir: Path | None,
+    imap: str | None,
+    imap_ca_file: Path | None,
+    wait_timeout: float | None,
+) -> dict[str, Any]:
+    """The options of the reply mailbox and the wait (send and wait-reply) as settings."""
+    return {
+        "reply_mbox": mbox,
+        "reply_maildir": maildir,
+        "reply_imap": imap,
+        "imap_ca_file": imap_ca_file,
+        "wait_timeout": wait_timeout,
+    }
 
 
 def _flag(value: bool) -> bool | None:
@@ -121,36 +84,33 @@ def send(
         ),
     ],
     from_addr: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option(
+        OptStr,
+        setting(
             "--from",
-            metavar="ADDR",
+            "ADDR",
+            "Sender address [the configured from_address, else this key's email].",
             envvar="MAILSH_FROM_ADDRESS",
-            help="Sender address [the configured from_address, else this key's email].",
-            show_default=False,
         ),
     ] = None,
     smtp: SmtpOpt = None,
     sendmail: SendmailOpt = None,
     stdin: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option(
+        OptStr,
+        option(
             "--stdin",
             metavar="FILE|-",
             help="Give the remote command this file as its stdin (- for this shell's stdin; "
             "at most 8 MiB). Default: no stdin.",
-            show_default=False,
         ),
     ] = None,
     timeout: Annotated[
-        Optional[float],  # noqa: UP045
-        typer.Option(
+        OptFloat,
+        option(
             "--timeout",
             metavar="S",
             min=0.001,
             max=86_400,
             help="Ask the server to stop the remote command after S seconds [server default].",
-            show_default=False,
         ),
     ] = None,
     no_encrypt: Annotated[
@@ -178,15 +138,8 @@ def send(
     imap: ImapOpt = None,
     imap_ca_file: ImapCaOpt = None,
     wait_timeout: Annotated[
-        Optional[float],  # noqa: UP045
-        typer.Option(
-            "--wait-timeout",
-            metavar="S",
-            envvar="MAILSH_WAIT_TIMEOUT",
-            min=0,
-            help="With --wait: give up after S seconds [600].",
-            show_default=False,
-        ),
+        OptFloat,
+        setting("--wait-timeout", "S", "With --wait: give up after S seconds [600].", min=0),
     ] = None,
     json_out: JsonOpt = False,
     passphrase_file: PassphraseOpt = None,
@@ -214,11 +167,7 @@ def send(
         from_address=from_addr,
         require_tls=_flag(require_tls),
         smtp_ca_file=ca_file,
-        reply_mbox=mbox,
-        reply_maildir=maildir,
-        reply_imap=imap,
-        imap_ca_file=imap_ca_file,
-        wait_timeout=wait_timeout,
+        **_reply_settings(mbox, maildir, imap, imap_ca_file, wait_timeout),
         passphrase_file=passphrase_file,
     )
     data = read_stdin_arg(stdin) if stdin is not None else None
@@ -241,7 +190,7 @@ def send(
         sent = submit_request(settings, prepared)
         typer.echo(sent.request_id)
         return
-    from mailsh.client.wait import open_source
+    from mailsh.client.sources import open_source
 
     # Watch the reply mailbox before sending, so nothing can arrive unseen (and an IMAP
     # login failure stops us while nothing has been sent).
@@ -266,18 +215,16 @@ def wait_reply(
     imap: ImapOpt = None,
     imap_ca_file: ImapCaOpt = None,
     wait_timeout: Annotated[
-        Optional[float],  # noqa: UP045
-        typer.Option(
+        OptFloat,
+        setting(
             "--wait-timeout",
-            metavar="S",
-            envvar="MAILSH_WAIT_TIMEOUT",
+            "S",
+            "Give up after S seconds [600] (exit 255; the request may still run).",
             min=0,
-            help="Give up after S seconds [600] (exit 255; the request may still run).",
-            show_default=False,
         ),
     ] = None,
     old_timeout: Annotated[
-        Optional[float],  # noqa: UP045
+        OptFloat,
         typer.Option(
             "--timeout",
             min=0,
@@ -303,11 +250,7 @@ def wait_reply(
     elif wait_timeout is None:
         wait_timeout = old_timeout
     settings = settings_from(
-        reply_mbox=mbox,
-        reply_maildir=maildir,
-        reply_imap=imap,
-        imap_ca_file=imap_ca_file,
-        wait_timeout=wait_timeout,
+        **_reply_settings(mbox, maildir, imap, imap_ca_file, wait_timeout),
         passphrase_file=passphrase_file,
     )
     record = PendingStore(settings.home).load(request_id)
@@ -328,35 +271,19 @@ def _wait_and_render(
     source: ReplySource | None = None,
     sent: bool = False,
 ) -> NoReturn:
-    """Wait for the reply to ``record`` and render it. With ``sent`` (``send --wait``)
-    any failure of the wait itself says that the request went out and may run, and how
-    to go on waiting: the request id is never lost, even when stderr is not a terminal."""
-    from mailsh.client.wait import RemoteFailureError, await_reply
-    from mailsh.errors import MailshError, WaitTimeoutError
+    """Wait for the reply to ``record`` and render it; ``sent``: see
+    :func:`~mailsh.client.wait.resumable_wait`."""
+    from mailsh.client.wait import await_reply, resumable_wait
 
-    rid = record.request_id
-    try:
-        with _spinner(rid):
-            reply = await_reply(
-                settings,
-                gpg_for(settings),
-                record,
-                on_warning=_note,
-                on_notice=_notice,
-                source=source,
-            )
-    except KeyboardInterrupt:
-        raise MailshError(
-            f"interrupted while waiting for the reply to {rid}; the request may still run",
-            hint=f"check later with: mailsh wait-reply {rid}",
-        ) from None
-    except MailshError as exc:
-        if not sent or isinstance(exc, (RemoteFailureError, WaitTimeoutError)):
-            raise
-        raise MailshError(
-            f"request {rid} was sent and may run, but waiting for its reply failed: {exc.message}",
-            hint=f"{exc.hint + '; then: ' if exc.hint else ''}mailsh wait-reply {rid}",
-        ) from exc
+    with resumable_wait(record, sent=sent), _spinner(record.request_id):
+        reply = await_reply(
+            settings,
+            gpg_for(settings),
+            record,
+            on_warning=_note,
+            on_notice=_notice,
+            source=source,
+        )
     render_reply(reply, json_out=json_out)
 
 

@@ -6,11 +6,12 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from mailsh.cli import REMOTE_EXIT_CODES_HELP, app, say
+from mailsh.cli.options import OptFloat, OptPath
 
 if TYPE_CHECKING:
     from mailsh.demo import Playground
@@ -22,7 +23,7 @@ def demo(
         str, typer.Argument(help="The command to run on the demo server.")
     ] = "uname -a",
     keep: Annotated[
-        Optional[Path],  # noqa: UP045
+        OptPath,
         typer.Option(
             "--keep",
             metavar="DIR",
@@ -37,7 +38,7 @@ def demo(
         ),
     ] = 120.0,
     old_timeout: Annotated[
-        Optional[float],  # noqa: UP045 - typer needs Optional at runtime on 3.11
+        OptFloat,
         typer.Option("--timeout", hidden=True, help="The old name of --wait-timeout."),
     ] = None,
 ) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from mailsh.cli import app, gpg_for, keys_app, say, settings_from, trust_app, usage_error
+from mailsh.cli.options import OptPath, OptStr, option, setting
 
 # -- keys -----------------------------------------------------------------------------
 
@@ -19,12 +20,11 @@ def keygen(
         str, typer.Option("--email", metavar="ADDR", help="Address this identity uses.")
     ],
     name: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option(
+        OptStr,
+        option(
             "--name",
             metavar="NAME",
             help="Name in the user id [the part of the address before the @].",
-            show_default=False,
         ),
     ] = None,
     algo: Annotated[
@@ -40,22 +40,17 @@ def keygen(
         ),
     ] = "2y",
     output: Annotated[
-        Optional[Path],  # noqa: UP045
-        typer.Option(
-            "--output",
-            "-o",
-            metavar="FILE",
-            help="Where to write the public key [./EMAIL.asc].",
-            show_default=False,
+        OptPath,
+        option(
+            "--output", "-o", metavar="FILE", help="Where to write the public key [./EMAIL.asc]."
         ),
     ] = None,
     passphrase_file: Annotated[
-        Optional[Path],  # noqa: UP045
-        typer.Option(
+        OptPath,
+        setting(
             "--passphrase-file",
-            metavar="FILE",
-            envvar="MAILSH_PASSPHRASE_FILE",
-            help="Protect the key with the passphrase in this file (used unattended).",
+            "FILE",
+            "Protect the key with the passphrase in this file (used unattended).",
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing identity.")] = False,
@@ -169,10 +164,7 @@ def keys_show(
 @keys_app.command("export")
 def keys_export(
     output: Annotated[
-        Optional[Path],  # noqa: UP045
-        typer.Option(
-            "--output", "-o", metavar="FILE", help="File to write [stdout].", show_default=False
-        ),
+        OptPath, option("--output", "-o", metavar="FILE", help="File to write [stdout].")
     ] = None,
 ) -> None:
     """Export this home's public key (armored) for the other side's `mailsh trust add`."""
@@ -200,12 +192,9 @@ def trust_add(
         ),
     ],
     reply_to: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option(
-            "--reply-to",
-            metavar="ADDR",
-            help="Address replies to this key go to [its uid email].",
-            show_default=False,
+        OptStr,
+        option(
+            "--reply-to", metavar="ADDR", help="Address replies to this key go to [its uid email]."
         ),
     ] = None,
     allow_plain_scripts: Annotated[

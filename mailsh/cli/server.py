@@ -9,15 +9,18 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from mailsh.cli import (
-    GlobalOpts,
+from mailsh.cli import app, say, settings_from, usage_error
+from mailsh.cli.command import GlobalOpts
+from mailsh.cli.options import (
+    OptFloat,
+    OptInt,
+    OptPath,
+    OptStr,
     SendmailOpt,
     SmtpCaOpt,
     SmtpOpt,
-    app,
-    say,
-    settings_from,
-    usage_error,
+    option,
+    setting,
 )
 
 if TYPE_CHECKING:
@@ -68,7 +71,7 @@ def _setup_logging(fmt: str) -> None:
 def serve(
     mbox: Annotated[
         Optional[list[Path]],  # noqa: UP045
-        typer.Option(
+        option(
             "--mbox",
             metavar="PATH",
             help="An mbox to take mail from (e.g. /var/mail/root). Repeatable.",
@@ -76,7 +79,7 @@ def serve(
     ] = None,
     maildir: Annotated[
         Optional[list[Path]],  # noqa: UP045
-        typer.Option("--maildir", metavar="DIR", help="A Maildir to take mail from. Repeatable."),
+        option("--maildir", metavar="DIR", help="A Maildir to take mail from. Repeatable."),
     ] = None,
     spool_only: Annotated[
         bool,
@@ -87,21 +90,19 @@ def serve(
         ),
     ] = False,
     smtp_listen: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option(
+        OptStr,
+        setting(
             "--smtp-listen",
-            metavar="HOST:PORT",
-            envvar="MAILSH_SMTP_LISTEN",
-            help="Also accept mail over SMTP on HOST:PORT (embedded listener).",
+            "HOST:PORT",
+            "Also accept mail over SMTP on HOST:PORT (embedded listener).",
         ),
     ] = None,
     address: Annotated[
         Optional[list[str]],  # noqa: UP045
-        typer.Option(
+        setting(
             "--address",
-            metavar="ADDR",
-            envvar="MAILSH_ADDRESS",
-            help="An address this server answers to [the server key's email]. Repeatable.",
+            "ADDR",
+            "An address this server answers to [the server key's email]. Repeatable.",
         ),
     ] = None,
     smtp: SmtpOpt = None,
@@ -110,109 +111,66 @@ def serve(
     once: Annotated[
         bool, typer.Option("--once", help="Process everything pending, then exit 0.")
     ] = False,
-    workers: Annotated[
-        Optional[int],  # noqa: UP045
-        typer.Option(
-            "--workers", metavar="N", envvar="MAILSH_WORKERS", help="Concurrent commands [1]."
-        ),
-    ] = None,
+    workers: Annotated[OptInt, setting("--workers", "N", "Concurrent commands [1].")] = None,
     run_as: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option(
-            "--run-as",
-            metavar="USER",
-            envvar="MAILSH_RUN_AS",
-            help="Run commands as this user [the user running serve].",
-        ),
+        OptStr, setting("--run-as", "USER", "Run commands as this user [the user running serve].")
     ] = None,
-    workdir: Annotated[
-        Optional[Path],  # noqa: UP045
-        typer.Option(
-            "--workdir", metavar="DIR", envvar="MAILSH_WORKDIR", help="Commands' working dir [/]."
-        ),
-    ] = None,
+    workdir: Annotated[OptPath, setting("--workdir", "DIR", "Commands' working dir [/].")] = None,
     command_timeout: Annotated[
-        Optional[float],  # noqa: UP045
-        typer.Option(
-            "--command-timeout",
-            metavar="S",
-            envvar="MAILSH_COMMAND_TIMEOUT",
-            help="Default wall-clock limit per command, seconds [60].",
-        ),
+        OptFloat,
+        setting("--command-timeout", "S", "Default wall-clock limit per command, seconds [60]."),
     ] = None,
     max_command_timeout: Annotated[
-        Optional[float],  # noqa: UP045
-        typer.Option(
-            "--max-command-timeout",
-            metavar="S",
-            envvar="MAILSH_MAX_COMMAND_TIMEOUT",
-            help="Cap on what a request may ask for, seconds [3600].",
-        ),
+        OptFloat,
+        setting("--max-command-timeout", "S", "Cap on what a request may ask for, seconds [3600]."),
     ] = None,
     max_output_bytes: Annotated[
-        Optional[int],  # noqa: UP045
-        typer.Option(
-            "--max-output-bytes",
-            metavar="BYTES",
-            envvar="MAILSH_MAX_OUTPUT_BYTES",
-            help="Output kept per stream (stdout, stderr) [1 MiB].",
-        ),
+        OptInt,
+        setting("--max-output-bytes", "BYTES", "Output kept per stream (stdout, stderr) [1 MiB]."),
     ] = None,
     max_processes: Annotated[
-        Optional[int],  # noqa: UP045
-        typer.Option(
+        OptInt,
+        setting(
             "--max-processes",
-            metavar="N",
-            envvar="MAILSH_MAX_PROCESSES",
-            help="RLIMIT_NPROC for commands: processes their user may have; 0 = no limit "
+            "N",
+            "RLIMIT_NPROC for commands: processes their user may have; 0 = no limit "
             "[256 with --run-as, else none]. Root ignores it (docs/server.md).",
         ),
     ] = None,
     smtp_max_sessions: Annotated[
-        Optional[int],  # noqa: UP045
-        typer.Option(
-            "--smtp-max-sessions",
-            metavar="N",
-            envvar="MAILSH_SMTP_MAX_SESSIONS",
-            help="Concurrent SMTP sessions in total; more get 421 [100].",
+        OptInt,
+        setting(
+            "--smtp-max-sessions", "N", "Concurrent SMTP sessions in total; more get 421 [100]."
         ),
     ] = None,
     smtp_max_sessions_per_peer: Annotated[
-        Optional[int],  # noqa: UP045
-        typer.Option(
+        OptInt,
+        setting(
             "--smtp-max-sessions-per-peer",
-            metavar="N",
-            envvar="MAILSH_SMTP_MAX_SESSIONS_PER_PEER",
-            help="Concurrent SMTP sessions per client address (IPv6: per /64) [10].",
+            "N",
+            "Concurrent SMTP sessions per client address (IPv6: per /64) [10].",
         ),
     ] = None,
     smtp_idle_timeout: Annotated[
-        Optional[float],  # noqa: UP045
-        typer.Option(
+        OptFloat,
+        setting(
             "--smtp-idle-timeout",
-            metavar="SECONDS",
-            envvar="MAILSH_SMTP_IDLE_TIMEOUT",
-            help="Close (421) an SMTP client that sends nothing this long [60].",
+            "SECONDS",
+            "Close (421) an SMTP client that sends nothing this long [60].",
         ),
     ] = None,
     smtp_command_timeout: Annotated[
-        Optional[float],  # noqa: UP045
-        typer.Option(
+        OptFloat,
+        setting(
             "--smtp-command-timeout",
-            metavar="SECONDS",
-            envvar="MAILSH_SMTP_COMMAND_TIMEOUT",
-            help="Close (421) an SMTP client that takes longer from one command to the "
+            "SECONDS",
+            "Close (421) an SMTP client that takes longer from one command to the "
             "next, a whole DATA included [300].",
         ),
     ] = None,
     smtp_max_messages: Annotated[
-        Optional[int],  # noqa: UP045
-        typer.Option(
-            "--smtp-max-messages",
-            metavar="N",
-            envvar="MAILSH_SMTP_MAX_MESSAGES",
-            help="Mail transactions per SMTP session; then 421 [50].",
-        ),
+        OptInt,
+        setting("--smtp-max-messages", "N", "Mail transactions per SMTP session; then 421 [50]."),
     ] = None,
     require_encryption: Annotated[
         Optional[bool],  # noqa: UP045
@@ -223,32 +181,29 @@ def serve(
         ),
     ] = None,
     retention: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option(
+        OptStr,
+        setting(
             "--retention",
-            metavar="DURATION",
-            envvar="MAILSH_RETENTION",
-            help="Keep processed mail in spool/done/ (and finished records) this long, "
+            "DURATION",
+            "Keep processed mail in spool/done/ (and finished records) this long, "
             "e.g. 7d, 36h, 90m [7d].",
         ),
     ] = None,
     discard_retention: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option(
+        OptStr,
+        setting(
             "--discard-retention",
-            metavar="DURATION",
-            envvar="MAILSH_DISCARD_RETENTION",
-            help="Keep the bytes of discarded (unauthenticated) mail this long; its "
+            "DURATION",
+            "Keep the bytes of discarded (unauthenticated) mail this long; its "
             "metadata row stays for --retention [1h].",
         ),
     ] = None,
     min_free_space: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option(
+        OptStr,
+        setting(
             "--min-free-space",
-            metavar="SIZE",
-            envvar="MAILSH_MIN_FREE_SPACE",
-            help="Pause intake while the home's file system has less free, e.g. 100M, "
+            "SIZE",
+            "Pause intake while the home's file system has less free, e.g. 100M, "
             "2G; 0 turns the floor off [100M].",
         ),
     ] = None,
@@ -277,15 +232,7 @@ def serve(
             help="On SIGTERM, let running commands finish this long (seconds).",
         ),
     ] = 30.0,
-    log_format: Annotated[
-        Optional[str],  # noqa: UP045
-        typer.Option(
-            "--log-format",
-            metavar="FORMAT",
-            envvar="MAILSH_LOG_FORMAT",
-            help="text or json [text].",
-        ),
-    ] = None,
+    log_format: Annotated[OptStr, setting("--log-format", "FORMAT", "text or json [text].")] = None,
 ) -> None:
     """Run commands that arrive as signed mail, and mail back signed, encrypted results.
 
@@ -423,40 +370,7 @@ def deliver() -> None:
     --min-free-space (MAILSH_MIN_FREE_SPACE). Run `mailsh serve` on the same --home to
     process what was delivered.
     """
-    from mailsh.errors import DeliveryTempFailError, MailshError
+    from mailsh.server.intake.pipe import deliver as deliver_message
 
-    try:
-        from mailsh.server.spool import Spool
-
-        settings = settings_from()
-        _check_free_space(settings)
-        data = sys.stdin.buffer.read(settings.max_message_bytes + 1)
-        if len(data) > settings.max_message_bytes:
-            say(f"mailsh deliver: message larger than {settings.max_message_bytes} bytes")
-            raise typer.Exit(73)  # EX_CANTCREAT: permanent, the MTA bounces it
-        stored = Spool(settings.spool_dir).put(data, source="pipe")
-    except MailshError as exc:
-        raise DeliveryTempFailError(
-            f"could not store the message: {exc.message}", hint=exc.hint
-        ) from exc
-    except OSError as exc:
-        raise DeliveryTempFailError(f"could not store the message: {exc}") from exc
+    stored = deliver_message(settings_from, sys.stdin.buffer)
     say(f"stored as {stored.id}")
-
-
-def _check_free_space(settings: Settings) -> None:
-    """``deliver`` below the free-space floor: a temporary failure, the MTA keeps the mail."""
-    from mailsh.errors import DeliveryTempFailError
-    from mailsh.server.diskspace import free_bytes
-    from mailsh.units import format_size
-
-    if settings.min_free_space <= 0:
-        return
-    free = free_bytes(settings.home)
-    if free < settings.min_free_space:
-        raise DeliveryTempFailError(
-            f"only {format_size(free)} free on {settings.home}, below --min-free-space "
-            f"{format_size(settings.min_free_space)}; the MTA keeps the message and retries",
-            hint="free some disk space (mailsh serve prunes spool/done/ by --retention) or "
-            "lower MAILSH_MIN_FREE_SPACE",
-        )

@@ -41,7 +41,7 @@ from mailsh.errors import (
 from mailsh.mail.transport import Transport, transport_from_settings
 
 if TYPE_CHECKING:
-    from mailsh.client.wait import ReplyMailbox
+    from mailsh.client.sources import ReplyMailbox
     from mailsh.keys.gpg import Gpg
     from mailsh.keys.trust import TrustedKey, TrustStore
     from mailsh.protocol import Request
@@ -168,7 +168,7 @@ class PreparedRequest:
 
 @dataclass(frozen=True)
 class SentRequest:
-    """What :func:`send_request` did."""
+    """What :func:`submit_request` did: the request left, as far as this side can know."""
 
     sealed: SealedRequest
     pending: PendingRequest
@@ -215,7 +215,7 @@ def prepare_request(
     informational lines (e.g. "the mbox does not exist yet"), ``on_warning`` warnings.
     """
     from mailsh.addresses import validate_address
-    from mailsh.client.wait import choose_mailbox
+    from mailsh.client.sources import choose_mailbox
     from mailsh.keys.identity import require_identity
     from mailsh.keys.trust import load_trust
     from mailsh.seal import seal_request
@@ -338,38 +338,3 @@ def submit_request(settings: Settings, prepared: PreparedRequest) -> SentRequest
         warnings=prepared.warnings,
         mailbox=prepared.mailbox,
     )
-
-
-def send_request(
-    settings: Settings,
-    gpg: Gpg,
-    *,
-    command: str,
-    to: str,
-    from_addr: str | None = None,
-    stdin: bytes | None = None,
-    timeout: float | None = None,
-    encrypt: bool = True,
-    require_server_key: bool = False,
-    outbound: Transport | None = None,
-    now: datetime | None = None,
-    on_warning: Callable[[str], None] | None = None,
-) -> SentRequest:
-    """:func:`prepare_request` then :func:`submit_request`: returns once the mail was
-    accepted. Warnings (e.g. "not encrypted") go to ``on_warning`` and into
-    :attr:`SentRequest.warnings`."""
-    prepared = prepare_request(
-        settings,
-        gpg,
-        command=command,
-        to=to,
-        from_addr=from_addr,
-        stdin=stdin,
-        timeout=timeout,
-        encrypt=encrypt,
-        require_server_key=require_server_key,
-        outbound=outbound,
-        now=now,
-        on_warning=on_warning,
-    )
-    return submit_request(settings, prepared)

@@ -66,6 +66,16 @@ def test_deliver_failure_is_tempfail_so_the_mta_retries(tmp_path: Path) -> None:
     assert b"mailsh:" in result.stderr
 
 
+def test_deliver_of_a_too_large_message_exits_73_so_the_mta_bounces_it(srv: Home) -> None:
+    result = _mailsh(
+        "deliver", home=srv.path, stdin=b"Subject: x\r\n\r\n" + b"x" * 2000,
+        MAILSH_MAX_MESSAGE_BYTES="1000",
+    )  # fmt: skip
+    assert result.returncode == int(ExitCode.CANTCREAT) == 73, result.stderr
+    assert result.stderr.startswith(b"mailsh: message larger than 1000 bytes"), result.stderr
+    assert not list((srv.path / "spool" / "new").glob("*"))
+
+
 def test_serve_without_outbound_says_how_to_configure_it(srv: Home, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSH_")}
     result = subprocess.run(

@@ -34,7 +34,7 @@ from pydantic import SecretStr
 from mailsh import seal
 from mailsh.cli import main
 from mailsh.client.pending import PendingRequest, PendingStore
-from mailsh.client.send import send_request
+from mailsh.client.send import prepare_request, submit_request
 from mailsh.keys.trust import load_trust
 from mailsh.protocol import Reply, ReplyStatus
 from mailsh.settings import load_settings
@@ -514,8 +514,14 @@ def test_burst_of_200_requests_through_postfix_each_run_once_each_answered(
     try:
         with serving(mailrig, homes.server, tmp_path, "--workers", "2") as serve:
             for i in range(BURST):
-                sent = send_request(
-                    settings, alice.gpg, command=f"echo {i} >> {marker}", to=mailrig.root_address
+                sent = submit_request(
+                    settings,
+                    prepare_request(
+                        settings,
+                        alice.gpg,
+                        command=f"echo {i} >> {marker}",
+                        to=mailrig.root_address,
+                    ),
                 )
                 pending[sent.request_id] = sent.pending
             answered = _collect_replies(mailrig, alice, homes.server, pending, started, serve)

@@ -33,8 +33,9 @@ from mailsh.client.pending import (
 from mailsh.client.send import (
     build_request,
     mbox_mark,
+    prepare_request,
     read_stdin_arg,
-    send_request,
+    submit_request,
 )
 from mailsh.errors import (
     ConfigError,
@@ -230,7 +231,7 @@ def sink() -> Iterator[tuple[Sink, str]]:
         yield pair
 
 
-# --------------------------------------------------------------------------- send_request
+# ------------------------------------------------------------- prepare_request + submit_request
 
 
 def test_send_submits_crlf_mail_the_server_can_open_and_records_it(
@@ -238,7 +239,9 @@ def test_send_submits_crlf_mail_the_server_can_open_and_records_it(
 ) -> None:
     box, url = sink
     settings = rig.settings(smtp=url)
-    sent = send_request(settings, rig.client.gpg, command="echo hi", to=rig.server.email)
+    sent = submit_request(
+        settings, prepare_request(settings, rig.client.gpg, command="echo hi", to=rig.server.email)
+    )
     box.wait_for(1)
     mail_from, rcpts, raw = box.messages[0]
     assert (mail_from, rcpts) == (rig.client.email, [rig.server.email])
@@ -262,13 +265,16 @@ def test_send_submits_crlf_mail_the_server_can_open_and_records_it(
 def test_send_carries_stdin_timeout_and_window(rig: Rig, sink: tuple[Sink, str]) -> None:
     box, url = sink
     settings = rig.settings(smtp=url, request_lifetime=120)
-    sent = send_request(
+    sent = submit_request(
         settings,
-        rig.client.gpg,
-        command="cat",
-        to=rig.server.email,
-        stdin=b"\x00\xff binary",
-        timeout=5,
+        prepare_request(
+            settings,
+            rig.client.gpg,
+            command="cat",
+            to=rig.server.email,
+            stdin=b"\x00\xff binary",
+            timeout=5,
+        ),
     )
     box.wait_for(1)
     verified = open_as_server(rig, box.messages[0][2])
@@ -283,13 +289,17 @@ def test_no_encrypt_to_unknown_server_warns_and_leaves_audience_unbound(
 ) -> None:
     box, url = sink
     warnings: list[str] = []
-    sent = send_request(
-        rig.settings(smtp=url),
-        rig.client.gpg,
-        command="id",
-        to="other@server.test",
-        encrypt=False,
-        on_warning=warnings.append,
+    settings = rig.settings(smtp=url)
+    sent = submit_request(
+        settings,
+        prepare_request(
+            settings,
+            rig.client.gpg,
+            command="id",
+            to="other@server.test",
+            encrypt=False,
+            on_warning=warnings.append,
+        ),
     )
     assert not sent.encrypted
     assert sent.pending.server_fingerprint is None
@@ -303,8 +313,10 @@ def test_no_encrypt_to_unknown_server_warns_and_leaves_audience_unbound(
 
 def test_no_encrypt_to_trusted_server_still_binds_its_key(rig: Rig, sink: tuple[Sink, str]) -> None:
     _, url = sink
-    sent = send_request(
-        rig.settings(smtp=url), rig.client.gpg, command="id", to=rig.server.email, encrypt=False
+    settings = rig.settings(smtp=url)
+    sent = submit_request(
+        settings,
+        prepare_request(settings, rig.client.gpg, command="id", to=rig.server.email, encrypt=False),
     )
     assert not sent.encrypted
     assert sent.sealed.request.audience.fingerprint == rig.server.fingerprint
@@ -315,7 +327,10 @@ def test_unknown_server_key_is_an_error_with_the_trust_hint(
 ) -> None:
     box, url = sink
     with pytest.raises(TrustError) as err:
-        send_request(rig.settings(smtp=url), rig.client.gpg, command="id", to="x@unknown.test")
+        settings = rig.settings(smtp=url)
+        submit_request(
+            settings, prepare_request(settings, rig.client.gpg, command="id", to="x@unknown.test")
+        )
     assert err.value.hint is not None
     assert "mailsh trust add" in err.value.hint
     assert box.messages == []
@@ -326,20 +341,27 @@ def test_wait_requires_the_server_key_even_without_encryption(
 ) -> None:
     box, url = sink
     with pytest.raises(TrustError, match="could not be verified"):
-        send_request(
-            rig.settings(smtp=url),
-            rig.client.gpg,
-            command="id",
-            to="x@unknown.test",
-            encrypt=False,
-            require_server_key=True,
+        settings = rig.settings(smtp=url)
+        submit_request(
+            settings,
+            prepare_request(
+                settings,
+                rig.client.gpg,
+                command="id",
+                to="x@unknown.test",
+                encrypt=False,
+                require_server_key=True,
+            ),
         )
     assert box.messages == []
 
 
 def test_no_transport_configured(rig: Rig) -> None:
     with pytest.raises(ConfigError) as err:
-        send_request(rig.settings(), rig.client.gpg, command="id", to=rig.server.email)
+        settings = rig.settings()
+        submit_request(
+            settings, prepare_request(settings, rig.client.gpg, command="id", to=rig.server.email)
+        )
     assert err.value.hint is not None
     assert "--smtp smtp://host:587" in err.value.hint
     assert "--sendmail /usr/sbin/sendmail" in err.value.hint
@@ -365,7 +387,9 @@ def test_no_identity_hints_keygen(tmp_path: Path) -> None:
     gpg = Gpg(settings.gnupg_home, max_output=settings.max_gpg_output)
     try:
         with pytest.raises(IdentityError) as err:
-            send_request(settings, gpg, command="id", to="root@server.test")
+            submit_request(
+                settings, prepare_request(settings, gpg, command="id", to="root@server.test")
+            )
     finally:
         gpg.kill_agent()
     assert err.value.hint is not None
@@ -376,7 +400,9 @@ def test_refused_connection_removes_the_pending_record(rig: Rig) -> None:
     settings = rig.settings(smtp=f"smtp://127.0.0.1:{closed_port()}")
     before = {r.request_id for r in PendingStore(settings.home).all()}
     with pytest.raises(TransportError, match="refused"):
-        send_request(settings, rig.client.gpg, command="id", to=rig.server.email)
+        submit_request(
+            settings, prepare_request(settings, rig.client.gpg, command="id", to=rig.server.email)
+        )
     assert {r.request_id for r in PendingStore(settings.home).all()} == before
 
 
@@ -385,8 +411,9 @@ def test_sendmail_transport_gets_lf_mail(rig: Rig, tmp_path: Path) -> None:
     program = tmp_path / "sendmail"
     program.write_text(f'#!/bin/sh\necho "$@" > {captured}.args\ncat > {captured}\n')
     program.chmod(0o755)
-    sent = send_request(
-        rig.settings(sendmail=program), rig.client.gpg, command="id", to=rig.server.email
+    settings = rig.settings(sendmail=program)
+    sent = submit_request(
+        settings, prepare_request(settings, rig.client.gpg, command="id", to=rig.server.email)
     )
     raw = captured.read_bytes()
     assert b"\r\n" not in raw
@@ -402,11 +429,15 @@ def test_sendmail_transport_gets_lf_mail(rig: Rig, tmp_path: Path) -> None:
 
 def test_from_address_setting_wins_over_key_email(rig: Rig, sink: tuple[Sink, str]) -> None:
     box, url = sink
-    sent = send_request(
-        rig.settings(smtp=url, from_address="ops@client.test"),
-        rig.client.gpg,
-        command="id",
-        to=rig.server.email,
+    settings = rig.settings(smtp=url, from_address="ops@client.test")
+    sent = submit_request(
+        settings,
+        prepare_request(
+            settings,
+            rig.client.gpg,
+            command="id",
+            to=rig.server.email,
+        ),
     )
     box.wait_for(1)
     assert box.messages[0][0] == "ops@client.test"

@@ -18,26 +18,36 @@ from pydantic import SecretStr
 
 from mailsh.client.imap import ImapWatcher
 from mailsh.client.pending import PendingStore
-from mailsh.client.send import SentRequest, mbox_mark, send_request
-from mailsh.client.wait import (
+from mailsh.client.send import SentRequest, mbox_mark, prepare_request, submit_request
+from mailsh.client.sources import (
     ImapSource,
     MaildirSource,
+    imap_search_date,
+    imap_start_uid,
+    mbox_start,
+    open_source,
+)
+from mailsh.client.wait import (
     RemoteFailureError,
     ReplyMatcher,
     await_reply,
     exit_status,
     failure,
     ignored_summary,
-    imap_search_date,
-    imap_start_uid,
     looks_like_reply,
-    mbox_start,
     notes,
-    open_source,
     reply_fingerprint,
     reply_json,
+    resumable_wait,
 )
-from mailsh.errors import ConfigError, TransportError, TrustError, UsageError, WaitTimeoutError
+from mailsh.errors import (
+    ConfigError,
+    MailshError,
+    TransportError,
+    TrustError,
+    UsageError,
+    WaitTimeoutError,
+)
 from mailsh.keys.trust import TrustStore, load_trust
 from mailsh.protocol import Reply, ReplyStatus
 from tests.conftest import Home
@@ -76,8 +86,9 @@ def _send(rig: Rig, sink: tuple[Sink, str], command: str = "id", **changes: obje
     """Send a request; return the request mail the SMTP server received."""
     box, url = sink
     count = len(box.messages)
-    sent = send_request(
-        rig.settings(smtp=url, **changes), rig.client.gpg, command=command, to=rig.server.email
+    settings = rig.settings(smtp=url, **changes)
+    sent = submit_request(
+        settings, prepare_request(settings, rig.client.gpg, command=command, to=rig.server.email)
     )
     box.wait_for(count + 1)
     raw = box.messages[count][2]
@@ -88,8 +99,9 @@ def _send(rig: Rig, sink: tuple[Sink, str], command: str = "id", **changes: obje
 def _sent(rig: Rig, sink: tuple[Sink, str], **changes: object) -> tuple[SentRequest, bytes]:
     box, url = sink
     count = len(box.messages)
-    sent = send_request(
-        rig.settings(smtp=url, **changes), rig.client.gpg, command="id", to=rig.server.email
+    settings = rig.settings(smtp=url, **changes)
+    sent = submit_request(
+        settings, prepare_request(settings, rig.client.gpg, command="id", to=rig.server.email)
     )
     box.wait_for(count + 1)
     return sent, box.messages[count][2]
@@ -106,7 +118,7 @@ def test_reply_in_mbox_is_found_verified_and_marked_answered(
     sent, raw = _sent(rig, sink, reply_mbox=mbox)
     append_mbox(mbox, answer(rig, raw, exit_code=3, stdout=b"out\n", stderr=b"err\n"))
     before = mbox.read_bytes()
-    reply = await_reply(rig.settings(), rig.client.gpg, sent.pending, mbox=mbox, timeout=10)
+    reply = await_reply(rig.settings(reply_mbox=mbox), rig.client.gpg, sent.pending, timeout=10)
     assert (reply.exit_code, reply.stdout, reply.stderr) == (3, b"out\n", b"err\n")
     assert exit_status(reply) == 3
     assert mbox.read_bytes() == before  # read-only
@@ -120,7 +132,9 @@ def test_reply_in_maildir_is_found_and_mailbox_untouched(
     drop_maildir(maildir, b"Subject: noise\n\nnot a reply\n")
     sent, raw = _sent(rig, sink)
     path = drop_maildir(maildir, answer(rig, raw, stdout=b"hello"))
-    reply = await_reply(rig.settings(), rig.client.gpg, sent.pending, maildir=maildir, timeout=10)
+    reply = await_reply(
+        rig.settings(reply_maildir=maildir), rig.client.gpg, sent.pending, timeout=10
+    )
     assert reply.stdout == b"hello"
     assert path.exists()  # never moved to cur/
     assert sorted(os.listdir(maildir / "cur")) == []
@@ -135,7 +149,7 @@ def test_reply_arriving_while_waiting_is_picked_up(
     timer = threading.Timer(0.5, append_mbox, args=(mbox, mail))
     timer.start()
     try:
-        reply = await_reply(rig.settings(), rig.client.gpg, sent.pending, mbox=mbox, timeout=60)
+        reply = await_reply(rig.settings(reply_mbox=mbox), rig.client.gpg, sent.pending, timeout=60)
     finally:
         timer.join()
     assert reply.stdout == b"late"
@@ -151,7 +165,7 @@ def test_reply_in_maildir_arriving_while_waiting(
     timer.start()
     try:
         reply = await_reply(
-            rig.settings(), rig.client.gpg, sent.pending, maildir=maildir, timeout=60
+            rig.settings(reply_maildir=maildir), rig.client.gpg, sent.pending, timeout=60
         )
     finally:
         timer.join()
@@ -183,7 +197,7 @@ def test_only_the_genuine_reply_is_accepted_among_forgeries(
     )
     append_mbox(mbox, _flip_one_armor_byte(genuine))
     append_mbox(mbox, genuine)
-    reply = await_reply(rig.settings(), rig.client.gpg, sent.pending, mbox=mbox, timeout=10)
+    reply = await_reply(rig.settings(reply_mbox=mbox), rig.client.gpg, sent.pending, timeout=10)
     assert reply.stdout == b"genuine"
 
 
@@ -201,7 +215,7 @@ def test_only_invalid_replies_time_out_and_say_so(
         mail = _flip_one_armor_byte(answer(rig, raw))
     append_mbox(mbox, mail)
     with pytest.raises(WaitTimeoutError) as err:
-        await_reply(rig.settings(), rig.client.gpg, sent.pending, mbox=mbox, timeout=0.3)
+        await_reply(rig.settings(reply_mbox=mbox), rig.client.gpg, sent.pending, timeout=0.3)
     assert "only 1 invalid reply ignored" in err.value.message
     assert err.value.hint is not None
     assert err.value.hint.startswith(f"mailsh wait-reply {sent.request_id}   (wait longer)")
@@ -213,7 +227,7 @@ def test_timeout_without_any_reply(rig: Rig, sink: tuple[Sink, str], tmp_path: P
     mbox = tmp_path / "mbox"
     append_mbox(mbox, b"Subject: unrelated\n\nhi\n")
     with pytest.raises(WaitTimeoutError) as err:
-        await_reply(rig.settings(), rig.client.gpg, sent.pending, mbox=mbox, timeout=0.2)
+        await_reply(rig.settings(reply_mbox=mbox), rig.client.gpg, sent.pending, timeout=0.2)
     assert err.value.message == (
         f"no reply to request {sent.request_id} in mbox {mbox} after 0.2s; "
         "the request may still run"
@@ -227,7 +241,7 @@ def test_our_own_request_in_the_mailbox_is_not_counted_as_a_reply(
     sent, raw = _sent(rig, sink)
     append_mbox(mbox, raw)  # e.g. a Bcc to ourselves
     with pytest.raises(WaitTimeoutError) as err:
-        await_reply(rig.settings(), rig.client.gpg, sent.pending, mbox=mbox, timeout=0.2)
+        await_reply(rig.settings(reply_mbox=mbox), rig.client.gpg, sent.pending, timeout=0.2)
     assert "invalid" not in err.value.message
 
 
@@ -292,7 +306,7 @@ def test_send_notes_the_mbox_mark_and_the_scan_starts_there(
     assert sent.pending.mbox_mark is not None
     assert sent.pending.mbox_mark.offset == size
     append_mbox(mbox, answer(rig, raw, stdout=b"after mark"))
-    reply = await_reply(rig.settings(), rig.client.gpg, sent.pending, mbox=mbox, timeout=10)
+    reply = await_reply(rig.settings(reply_mbox=mbox), rig.client.gpg, sent.pending, timeout=10)
     assert reply.stdout == b"after mark"
 
 
@@ -411,6 +425,29 @@ def test_ignored_summary() -> None:
     assert ignored_summary([]) == ""
     assert ignored_summary(["a"]) == "1 invalid reply ignored (a)"
     assert ignored_summary(["a", "b", "a"]) == "3 invalid replies ignored (a, b)"
+
+
+def test_resumable_wait_names_the_request_and_how_to_go_on_waiting(
+    rig: Rig, sink: tuple[Sink, str]
+) -> None:
+    sent, _ = _sent(rig, sink)
+    rid = sent.request_id
+    with pytest.raises(MailshError) as err, resumable_wait(sent.pending):
+        raise KeyboardInterrupt
+    assert err.value.message.startswith(f"interrupted while waiting for the reply to {rid}")
+    assert err.value.hint == f"check later with: mailsh wait-reply {rid}"
+    with pytest.raises(TransportError), resumable_wait(sent.pending):  # wait-reply: as is
+        raise TransportError("no mailbox", hint="fix it")
+    with pytest.raises(MailshError) as err, resumable_wait(sent.pending, sent=True):
+        raise TransportError("no mailbox", hint="fix it")
+    assert err.value.message == (
+        f"request {rid} was sent and may run, but waiting for its reply failed: no mailbox"
+    )
+    assert err.value.hint == f"fix it; then: mailsh wait-reply {rid}"
+    timeout = WaitTimeoutError("no reply")
+    with pytest.raises(WaitTimeoutError) as caught, resumable_wait(sent.pending, sent=True):
+        raise timeout
+    assert caught.value is timeout  # already says both
 
 
 # --------------------------------------------------------------------------- IMAP
