@@ -23,8 +23,8 @@ from pathlib import Path
 
 from tests.adversarial.kit import Kit, Rig, marker_command, marker_runs
 from tests.attacks import forge
-from tests.conftest import Home
 from tests.integration.serverkit import Sink, pair, request
+from tests.kit.homes import Home
 
 NOFILE = 256  # serve's descriptor limit in the flood test
 FLOOD = 400  # idle connections from one peer: more than serve could ever hold open

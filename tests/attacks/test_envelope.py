@@ -21,7 +21,7 @@ from mailsh.keys.trust import TrustStore, add_trusted_key, load_trust
 from mailsh.protocol import Audience, Reply, ReplyStatus, Request
 from mailsh.seal import AuthenticatedRejectionError, SealedRequest, VerifiedRequest
 from tests.attacks import forge
-from tests.conftest import Home
+from tests.kit.homes import Home
 
 SKEW = timedelta(minutes=5)
 AGE = timedelta(days=1)

@@ -24,9 +24,9 @@ from mailsh import protocol, seal
 from mailsh.errors import GpgError, ProtocolError
 from mailsh.keys.trust import TrustStore, add_trusted_key, load_trust
 from tests.attacks import forge
-from tests.conftest import Home
 from tests.fuzz.guard import budget, guard
 from tests.integration.serverkit import request
+from tests.kit.homes import Home
 
 MAX = 256 * 1024
 

@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.conftest import Home
 from tests.integration.serverkit import Sink, pair
+from tests.kit.homes import Home
 
 
 @pytest.fixture

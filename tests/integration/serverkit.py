@@ -19,10 +19,10 @@ from aiosmtpd.controller import Controller
 
 from mailsh import protocol, seal
 from mailsh.errors import ProtocolError
-from mailsh.keys.trust import add_trusted_key, load_trust
+from mailsh.keys.trust import load_trust
 from mailsh.protocol import Notice, Reply
 from mailsh.settings import Settings, load_settings
-from tests.conftest import Home
+from tests.kit.homes import Home, pair
 
 
 @dataclass
@@ -82,16 +82,6 @@ class Sink:
                     break
                 self._rec.cond.wait(left)
             return list(self._rec.messages)
-
-
-def pair(client: Home, server_home: Home) -> None:
-    """Cross-trust two homes (idempotent)."""
-    if not load_trust(server_home.settings.trust_file).is_pinned(client.fingerprint):
-        add_trusted_key(
-            server_home.gpg, server_home.settings.trust_file, client.pubkey, reply_to=None
-        )
-    if not load_trust(client.settings.trust_file).is_pinned(server_home.fingerprint):
-        add_trusted_key(client.gpg, client.settings.trust_file, server_home.pubkey, reply_to=None)
 
 
 def request(

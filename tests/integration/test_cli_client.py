@@ -23,7 +23,7 @@ import pytest
 from mailsh.cli import main
 from mailsh.client.pending import PendingStore
 from mailsh.protocol import ReplyStatus
-from tests.conftest import Home
+from tests.kit.homes import Home
 from tests.unit.client.test_send import (
     Rig,
     Sink,

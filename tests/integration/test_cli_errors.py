@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Home
 from tests.integration.serverkit import Sink, replies_for, request
 from tests.integration.test_cli_options import cli
+from tests.kit.homes import Home
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 import typer
 
 from mailsh.cli import app, main
-from tests.conftest import Home
+from tests.kit.homes import Home
 
 FPR_LINE = re.compile(r"^[0-9A-F]{40}$")
 

@@ -24,7 +24,7 @@ import typer
 import typer.main
 
 from mailsh.cli import app, main
-from tests.conftest import Home
+from tests.kit.homes import Home
 
 
 @dataclass

@@ -15,8 +15,8 @@ import pytest
 
 from mailsh.cli import main
 from mailsh.errors import ExitCode
-from tests.conftest import Home
 from tests.integration.serverkit import Sink, mbox_append, replies_for, request
+from tests.kit.homes import Home
 
 
 def _mailsh(

@@ -38,7 +38,6 @@ from mailsh.server.daemon import ServeOptions, Server
 from mailsh.server.state import MessageState, StateDB
 from tests.attacks import forge
 from tests.attacks.malleate import reencode_eddsa_signature
-from tests.conftest import Home
 from tests.integration.serverkit import (
     Sink,
     mbox_append,
@@ -49,6 +48,7 @@ from tests.integration.serverkit import (
     request,
     server_settings,
 )
+from tests.kit.homes import Home
 
 MAILSH = [sys.executable, "-m", "mailsh"]
 

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import Home
 from tests.integration.serverkit import Sink
+from tests.kit.homes import Home
 
 
 def _mailsh(*args: str, home: Path) -> subprocess.CompletedProcess[bytes]:

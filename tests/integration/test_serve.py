@@ -22,7 +22,6 @@ import pytest
 from mailsh.protocol import OriginalState, ReplyStatus
 from mailsh.server.daemon import ServeOptions, Server
 from mailsh.server.state import MessageState, StateDB
-from tests.conftest import Home
 from tests.integration.serverkit import (
     Sink,
     mbox_append,
@@ -33,6 +32,7 @@ from tests.integration.serverkit import (
     request,
     server_settings,
 )
+from tests.kit.homes import Home
 
 
 def serve_once(home: Home, sink: Sink, tmp_path: Path, **options: object) -> Server:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Home
 from tests.integration.serverkit import Sink, replies_for, request
+from tests.kit.homes import Home
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -21,8 +21,8 @@ import pytest
 from mailsh.protocol import ReplyStatus
 from mailsh.server.daemon import ServeOptions, Server
 from mailsh.server.state import StateDB
-from tests.conftest import Home
 from tests.integration.serverkit import Sink, replies_for, request, server_settings
+from tests.kit.homes import Home
 
 N_REQUESTS = 500
 

@@ -51,7 +51,7 @@ from mailsh.mail.transport import SmtpOptions, parse_smtp_url
 from mailsh.protocol import Reply, ReplyStatus
 from mailsh.seal import VerifiedRequest, open_request, seal_reply
 from mailsh.settings import Settings, ensure_home, load_settings
-from tests.conftest import Home
+from tests.kit.homes import Home
 
 MiB = 1024 * 1024
 

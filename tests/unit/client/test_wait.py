@@ -40,7 +40,7 @@ from mailsh.client.wait import (
 from mailsh.errors import ConfigError, TransportError, TrustError, UsageError, WaitTimeoutError
 from mailsh.keys.trust import TrustStore, load_trust
 from mailsh.protocol import Reply, ReplyStatus
-from tests.conftest import Home
+from tests.kit.homes import Home
 from tests.unit.client.test_send import (
     Rig,
     Sink,

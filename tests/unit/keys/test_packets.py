@@ -18,7 +18,7 @@ from mailsh.keys.packets import (
     top_level_tags,
 )
 from tests.attacks import forge
-from tests.conftest import Home
+from tests.kit.homes import Home
 
 PAYLOAD = b'{"kind":"mailsh.request.v1"}'
 CAP = 1 << 20

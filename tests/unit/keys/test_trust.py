@@ -23,7 +23,7 @@ from mailsh.keys.trust import (
     remove_trusted_key,
 )
 from tests.attacks import forge
-from tests.conftest import Home
+from tests.kit.homes import Home
 
 
 @pytest.fixture(scope="module")

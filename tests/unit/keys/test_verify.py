@@ -24,7 +24,7 @@ from mailsh.keys import crypto
 from mailsh.keys.crypto import VerifiedPayload, seal, verify
 from mailsh.keys.gpg import Gpg
 from tests.attacks import forge
-from tests.conftest import Home
+from tests.kit.homes import Home
 
 PAYLOAD = b'{"kind":"test","bytes":"\\u0000"}'
 DAY = timedelta(days=1)

@@ -1,0 +1,120 @@
+"""Every shared fixture, registered once by ``tests/conftest.py`` (``pytest_plugins``).
+
+Tests name a fixture as a parameter and never import it; the helpers behind the
+fixtures live in the other modules of :mod:`tests.kit`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from mailsh.keys.gpg import Gpg
+from mailsh.keys.identity import export_public, generate
+from mailsh.settings import ensure_home, load_settings
+from tests.kit.homes import Home
+from tests.kit.mailrig import MailRig, contains, remove_messages, start_rig
+
+# --------------------------------------------------------------------------- homes
+
+
+@pytest.fixture(scope="session")
+def _short_tmp() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="msh.", dir="/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def make_home(_short_tmp: Path) -> Iterator[Callable[..., Home]]:
+    """Factory: ``make_home("alice@example.org")`` -> a Home with a fresh ed25519 key."""
+    made: list[Gpg] = []
+    counter = iter(range(10_000))
+
+    def factory(email: str, *, expire: str = "2y", **settings: object) -> Home:
+        home_dir = _short_tmp / f"h{next(counter)}"
+        s = load_settings(home=home_dir, **settings)
+        ensure_home(s)
+        gpg = Gpg(s.gnupg_home, max_output=s.max_gpg_output)
+        made.append(gpg)
+        identity = generate(
+            gpg,
+            email=email,
+            name=email.split("@", maxsplit=1)[0],
+            algo="ed25519",
+            expire=expire,
+            passphrase=s.passphrase(),
+            force=False,
+        )
+        pubkey = home_dir / "public.asc"
+        pubkey.write_text(export_public(gpg, identity.fingerprint), encoding="utf-8")
+        return Home(settings=s, gpg=gpg, identity=identity, email=email, pubkey=pubkey)
+
+    yield factory
+    for gpg in made:
+        gpg.kill_agent()
+
+
+@pytest.fixture(scope="session")
+def alice(make_home: Callable[..., Home]) -> Home:
+    """The operator (client side). Session-scoped: key generation is the slow part."""
+    return make_home("alice@example.org")
+
+
+@pytest.fixture(scope="session")
+def server(make_home: Callable[..., Home]) -> Home:
+    """The server identity (root@server.test)."""
+    return make_home("root@server.test", address="root@server.test")
+
+
+@pytest.fixture(scope="session")
+def mallory(make_home: Callable[..., Home]) -> Home:
+    """An attacker with a perfectly good key that nobody pinned."""
+    return make_home("mallory@evil.test")
+
+
+# --------------------------------------------------------------------------- the mail rig
+# The real Postfix + Dovecot rig (issue 5, tests.kit.mailrig): its fixtures, and one rig
+# test at a time.
+
+
+@pytest.fixture(scope="session")
+def mailrig() -> MailRig:
+    """The running rig (session-scoped). Tests using it carry ``@pytest.mark.mailrig``."""
+    return start_rig()
+
+
+@pytest.fixture
+def cleanup_messages(mailrig: MailRig) -> Iterator[Callable[[Path, str], None]]:
+    """Register (mailbox, token) pairs; matching messages are removed after the test."""
+    registered: list[tuple[Path, str]] = []
+
+    def register(location: Path, token: str) -> None:
+        registered.append((location, token))
+
+    yield register
+    for location, token in registered:
+        remove_messages(location, contains(token))
+
+
+@pytest.fixture(autouse=True)
+def _one_rig_test_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Serialise tests that use the real mail rig, across xdist workers and sessions.
+
+    They share /var/mail/root and the daemons: a serve in one test would consume another
+    test's mail. A file lock (rather than xdist_group, which pytest 9.2 with
+    pytest-xdist 3.8 ignores: pytest-xdist#1386) also keeps two concurrent test runs on
+    one machine apart.
+    """
+    if request.node.get_closest_marker("mailrig") is None:
+        yield
+        return
+    import fcntl
+
+    with open(Path(tempfile.gettempdir()) / "mailsh-rig-tests.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
