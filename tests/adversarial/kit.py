@@ -32,8 +32,9 @@ from mailsh.seal import SealedRequest
 from mailsh.server.daemon import ServeOptions, Server
 from mailsh.server.state import MessageState, StateDB
 from mailsh.settings import load_settings
-from tests.integration.serverkit import Sink, request
 from tests.kit.homes import Home
+from tests.kit.serverkit import request
+from tests.kit.smtp import Sink
 
 INTAKES = ("mbox", "maildir", "smtp", "deliver")
 MiB = 1 << 20

@@ -25,8 +25,8 @@ from mailsh.errors import GpgError, ProtocolError
 from mailsh.keys.trust import TrustStore, add_trusted_key, load_trust
 from tests.attacks import forge
 from tests.fuzz.guard import budget, guard
-from tests.integration.serverkit import request
 from tests.kit.homes import Home
+from tests.kit.serverkit import request
 
 MAX = 256 * 1024
 

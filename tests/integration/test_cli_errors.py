@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.serverkit import Sink, replies_for, request
 from tests.integration.test_cli_options import cli
 from tests.kit.homes import Home
+from tests.kit.serverkit import replies_for, request
+from tests.kit.smtp import Sink
 
 
 @pytest.fixture

@@ -15,8 +15,10 @@ import pytest
 
 from mailsh.cli import main
 from mailsh.errors import ExitCode
-from tests.integration.serverkit import Sink, mbox_append, replies_for, request
 from tests.kit.homes import Home
+from tests.kit.mailbox import mbox_append
+from tests.kit.serverkit import replies_for, request
+from tests.kit.smtp import Sink
 
 
 def _mailsh(

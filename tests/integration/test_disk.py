@@ -25,8 +25,10 @@ from mailsh.server.daemon import ServeOptions, Server
 from mailsh.server.diskspace import free_bytes
 from mailsh.server.spool import Spool
 from mailsh.server.state import StateDB
-from tests.integration.serverkit import Sink, mbox_append, replies_for, request, server_settings
 from tests.kit.homes import Home
+from tests.kit.mailbox import mbox_append
+from tests.kit.serverkit import replies_for, request, server_settings
+from tests.kit.smtp import Sink
 
 
 def _above_free(path: Path) -> str:

@@ -38,8 +38,7 @@ from mailsh.client.send import send_request
 from mailsh.keys.trust import load_trust
 from mailsh.protocol import ReplyStatus
 from mailsh.settings import load_settings
-from tests.integration.serverkit import pair
-from tests.kit.homes import Home
+from tests.kit.homes import Home, pair
 from tests.kit.mailrig import (
     MailRig,
     MailUser,

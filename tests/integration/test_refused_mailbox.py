@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.integration.serverkit import Sink
 from tests.kit.homes import Home
+from tests.kit.smtp import Sink
 
 
 def _mailsh(*args: str, home: Path) -> subprocess.CompletedProcess[bytes]:

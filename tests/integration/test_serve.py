@@ -22,17 +22,10 @@ import pytest
 from mailsh.protocol import OriginalState, ReplyStatus
 from mailsh.server.daemon import ServeOptions, Server
 from mailsh.server.state import MessageState, StateDB
-from tests.integration.serverkit import (
-    Sink,
-    mbox_append,
-    notices_for,
-    open_reply,
-    pair,
-    replies_for,
-    request,
-    server_settings,
-)
-from tests.kit.homes import Home
+from tests.kit.homes import Home, pair
+from tests.kit.mailbox import mbox_append
+from tests.kit.serverkit import notices_for, open_reply, replies_for, request, server_settings
+from tests.kit.smtp import Sink
 
 
 def serve_once(home: Home, sink: Sink, tmp_path: Path, **options: object) -> Server:

@@ -16,8 +16,10 @@ import pytest
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.identity import export_public, generate
 from mailsh.settings import ensure_home, load_settings
-from tests.kit.homes import Home
+from tests.kit.clientkit import Rig, make_rig
+from tests.kit.homes import Home, pair
 from tests.kit.mailrig import MailRig, contains, remove_messages, start_rig
+from tests.kit.smtp import Sink
 
 # --------------------------------------------------------------------------- homes
 
@@ -75,6 +77,41 @@ def server(make_home: Callable[..., Home]) -> Home:
 def mallory(make_home: Callable[..., Home]) -> Home:
     """An attacker with a perfectly good key that nobody pinned."""
     return make_home("mallory@evil.test")
+
+
+@pytest.fixture
+def srv(make_home: Callable[..., Home], alice: Home) -> Home:
+    """A fresh server home per test (its own state, spool and trust store), paired with
+    alice."""
+    home = make_home("root@server.test", address="root@server.test")
+    pair(alice, home)
+    return home
+
+
+# --------------------------------------------------------------------------- mail
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    """A real SMTP server on 127.0.0.1 that records what it receives (tests.kit.smtp)."""
+    with Sink() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def rig(
+    make_home: Callable[..., Home], server: Home, tmp_path_factory: pytest.TempPathFactory
+) -> Rig:
+    """The client rig (tests.kit.clientkit), one per module. tests/adversarial has a rig
+    of its own (a running serve) under the same name."""
+    return make_rig(make_home, server, tmp_path_factory.mktemp("rig"))
+
+
+@pytest.fixture(scope="module")
+def mallory_signs(rig: Rig, mallory: Home) -> Home:
+    """Mallory, able to encrypt to the client (so only the signature can give her away)."""
+    mallory.gpg.raw.import_keys(rig.client.pubkey.read_text())
+    return mallory
 
 
 # --------------------------------------------------------------------------- the mail rig

@@ -1,87 +1,20 @@
-"""Test kit for the server: a reply sink (real SMTP on 127.0.0.1), request builders.
+"""The server kit: requests sealed as ``mailsh send`` seals them, and the replies opened.
 
-The sink is a real aiosmtpd server on an ephemeral port that records every message the
-server sends, so tests observe replies exactly as a mail server would receive them.
+Replies are read from a :class:`~tests.kit.smtp.Sink`, the real SMTP server on 127.0.0.1
+that the server under test sends them to.
 """
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any
-
-from aiosmtpd.controller import Controller
 
 from mailsh import protocol, seal
 from mailsh.errors import ProtocolError
 from mailsh.keys.trust import load_trust
 from mailsh.protocol import Notice, Reply
 from mailsh.settings import Settings, load_settings
-from tests.kit.homes import Home, pair
-
-
-@dataclass
-class Received:
-    mail_from: str
-    rcpt_tos: list[str]
-    data: bytes
-
-
-@dataclass
-class _Recorder:
-    messages: list[Received] = field(default_factory=list)
-    cond: threading.Condition = field(default_factory=threading.Condition)
-
-    async def handle_DATA(self, server: Any, session: Any, env: Any) -> str:  # noqa: N802
-        with self.cond:
-            self.messages.append(
-                Received(env.mail_from, list(env.rcpt_tos), bytes(env.original_content))
-            )
-            self.cond.notify_all()
-        return "250 OK"
-
-
-class Sink:
-    """A real SMTP server on 127.0.0.1 that keeps what it receives."""
-
-    def __init__(self) -> None:
-        self._rec = _Recorder()
-        # aiosmtpd's Controller cannot bind port 0 itself: ask the kernel for a free port.
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self._ctl = Controller(self._rec, hostname="127.0.0.1", port=port)
-
-    def __enter__(self) -> Sink:
-        self._ctl.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._ctl.stop()
-
-    @property
-    def url(self) -> str:
-        return f"smtp://127.0.0.1:{self._ctl.port}"
-
-    @property
-    def messages(self) -> list[Received]:
-        with self._rec.cond:
-            return list(self._rec.messages)
-
-    def wait_for(self, count: int, timeout: float = 60.0) -> list[Received]:
-        deadline = time.monotonic() + timeout
-        with self._rec.cond:
-            while len(self._rec.messages) < count:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._rec.cond.wait(left)
-            return list(self._rec.messages)
+from tests.kit.homes import Home
+from tests.kit.smtp import Sink
 
 
 def request(
@@ -115,16 +48,6 @@ def request(
         from_addr=client.email,
         passphrase=None,
     )
-
-
-def mbox_append(path: Path, *mails: bytes) -> None:
-    with path.open("ab") as fh:
-        for mail in mails:
-            body = mail.replace(b"\r\n", b"\n")
-            fh.write(b"From alice@example.org Wed Nov 25 00:00:00 2026\n" + body)
-            if not body.endswith(b"\n"):
-                fh.write(b"\n")
-            fh.write(b"\n")
 
 
 def open_reply(client: Home, server_home: Home, sealed: seal.SealedRequest, raw: bytes) -> Reply:
@@ -184,7 +107,3 @@ def notices_for(
         if isinstance(found, Notice):
             out.append(found)
     return out
-
-
-Factory = Callable[..., Home]
-__all__ = ["Factory", "Iterator", "Received", "Sink", "mbox_append", "pair", "request"]
