@@ -9,7 +9,7 @@ import pytest
 
 from mailsh.keys.trust import TrustedKey, load_trust, save_trust
 from tests.adversarial.kit import Kit, PastKey, Rig, serve_rig
-from tests.attacks import forge
+from tests.kit import forge
 from tests.kit.homes import Home, pair
 
 PAST = "20200101T000000!"  # keys made then, valid for a day: long expired

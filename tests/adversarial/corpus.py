@@ -22,7 +22,7 @@ from mailsh.keys import packets
 from mailsh.keys.crypto import seal as pgp_seal
 from mailsh.protocol import Reply, ReplyStatus
 from tests.adversarial.kit import RIG_SETTINGS, Case, Hostile, Kit, marker_command
-from tests.attacks import forge
+from tests.kit import forge
 from tests.kit.serverkit import open_reply
 
 CORPUS: list[Case] = []

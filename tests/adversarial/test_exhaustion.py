@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.adversarial.kit import Kit, Rig, marker_command, marker_runs
-from tests.attacks import forge
+from tests.kit import forge
 from tests.kit.homes import Home, pair
 from tests.kit.serverkit import request
 from tests.kit.smtp import Sink, free_port

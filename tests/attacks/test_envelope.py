@@ -20,7 +20,7 @@ from mailsh.keys.crypto import seal as pgp_seal
 from mailsh.keys.trust import TrustStore, add_trusted_key, load_trust
 from mailsh.protocol import Audience, Reply, ReplyStatus, Request
 from mailsh.seal import AuthenticatedRejectionError, SealedRequest, VerifiedRequest
-from tests.attacks import forge
+from tests.kit import forge
 from tests.kit.homes import Home
 
 SKEW = timedelta(minutes=5)

@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from mailsh import protocol, seal
 from mailsh.errors import GpgError, ProtocolError
 from mailsh.keys.trust import TrustStore, add_trusted_key, load_trust
-from tests.attacks import forge
 from tests.fuzz.guard import budget, guard
+from tests.kit import forge
 from tests.kit.homes import Home
 from tests.kit.serverkit import request
 

@@ -36,10 +36,10 @@ from mailsh.keys.trust import add_trusted_key
 from mailsh.protocol import Notice, OriginalState, ReplyStatus
 from mailsh.server.daemon import ServeOptions, Server
 from mailsh.server.state import MessageState, StateDB
-from tests.attacks import forge
-from tests.attacks.malleate import reencode_eddsa_signature
+from tests.kit import forge
 from tests.kit.homes import Home, pair
 from tests.kit.mailbox import mbox_append
+from tests.kit.malleate import reencode_eddsa_signature
 from tests.kit.serverkit import notices_for, open_answer, replies_for, request, server_settings
 from tests.kit.smtp import Sink, free_port
 

@@ -22,7 +22,7 @@ from mailsh.keys.trust import (
     load_trust,
     remove_trusted_key,
 )
-from tests.attacks import forge
+from tests.kit import forge
 from tests.kit.homes import Home
 
 
