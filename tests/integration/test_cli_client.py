@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from mailsh.cli import main
 from mailsh.client.pending import PendingStore
 from mailsh.protocol import ReplyStatus
+from tests.kit.cli import run_main
 from tests.kit.clientkit import Rig, answer, open_as_server
 from tests.kit.homes import Home
 from tests.kit.mailbox import drop_maildir, mbox_append
@@ -46,12 +46,7 @@ def run(capsysbinary: pytest.CaptureFixture[bytes], rig: Rig) -> Run:
     """Run ``mailsh --home CLIENT ARGS...`` in-process: (exit status, stdout, stderr)."""
 
     def call(*args: str) -> tuple[int, bytes, bytes]:
-        capsysbinary.readouterr()
-        with pytest.raises(SystemExit) as exited:
-            main(["--home", str(rig.client.path), *args])
-        out, err = capsysbinary.readouterr()
-        code = exited.value.code
-        return (code if isinstance(code, int) else 0 if code is None else 1), out, err
+        return run_main(capsysbinary, ["--home", str(rig.client.path), *args])
 
     return call
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_cli_options import cli
+from tests.kit.cli import cli
 from tests.kit.homes import Home
 from tests.kit.serverkit import replies_for, request
 from tests.kit.smtp import Sink

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Optional
@@ -24,27 +23,8 @@ import typer
 import typer.main
 
 from mailsh.cli import app, main
+from tests.kit.cli import cli
 from tests.kit.homes import Home
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> Run:
-    """Run ``mailsh ARGV`` in-process; every outcome is a SystemExit with a code."""
-    capsys.readouterr()
-    try:
-        main(list(argv))
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    else:  # pragma: no cover - typer always exits in standalone mode
-        code = 0
-    out, err = capsys.readouterr()
-    return Run(code, out, err)
 
 
 @pytest.fixture

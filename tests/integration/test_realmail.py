@@ -32,12 +32,12 @@ import pytest
 from pydantic import SecretStr
 
 from mailsh import seal
-from mailsh.cli import main
 from mailsh.client.pending import PendingRequest, PendingStore
 from mailsh.client.send import send_request
 from mailsh.keys.trust import load_trust
 from mailsh.protocol import ReplyStatus
 from mailsh.settings import load_settings
+from tests.kit.cli import run_main
 from tests.kit.homes import Home, pair
 from tests.kit.mailrig import (
     MailRig,
@@ -95,12 +95,7 @@ def run(capsysbinary: pytest.CaptureFixture[bytes]) -> Run:
     """``mailsh ARGS...`` in-process through the CLI's error funnel: (status, out, err)."""
 
     def call(*args: str) -> tuple[int, bytes, bytes]:
-        capsysbinary.readouterr()
-        with pytest.raises(SystemExit) as exited:
-            main(list(args))
-        out, err = capsysbinary.readouterr()
-        code = exited.value.code
-        return (code if isinstance(code, int) else 0 if code is None else 1), out, err
+        return run_main(capsysbinary, args)
 
     return call
 
