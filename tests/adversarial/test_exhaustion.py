@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.adversarial.kit import Kit, Rig, marker_command, marker_runs
 from tests.kit import forge
+from tests.kit.adversarial import Kit, Rig, marker_command, marker_runs
 from tests.kit.homes import Home, pair
 from tests.kit.serverkit import request
 from tests.kit.smtp import Sink, free_port
