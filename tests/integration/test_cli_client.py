@@ -30,12 +30,7 @@ from tests.kit.smtp import Sink, free_port
 
 ID_LINE = re.compile(rb"^[0-9a-f]{32}\n$")
 
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("MAILSH_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("no_mailsh_env")
 
 
 Run = Callable[..., tuple[int, bytes, bytes]]

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,21 +22,6 @@ from tests.kit.cli import cli
 from tests.kit.homes import Home
 from tests.kit.serverkit import replies_for, request
 from tests.kit.smtp import Sink
-
-
-@pytest.fixture
-def scratch(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    for name in [n for n in os.environ if n.startswith("MAILSH_")]:
-        monkeypatch.delenv(name)
-    path = Path(tempfile.mkdtemp(prefix="mse.", dir="/tmp"))
-    monkeypatch.chdir(path)
-    yield path
-    subprocess.run(
-        ["gpgconf", "--homedir", str(path / "h" / "gnupg"), "--kill", "all"],
-        check=False,
-        capture_output=True,
-    )
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _one_failure(err: str) -> list[str]:

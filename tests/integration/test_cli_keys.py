@@ -43,10 +43,8 @@ def home() -> Iterator[Path]:
 
 
 @pytest.fixture
-def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_mailsh_env: None) -> Path:
     monkeypatch.chdir(tmp_path)
-    for name in [n for n in os.environ if n.startswith("MAILSH_")]:
-        monkeypatch.delenv(name)
     return tmp_path
 
 

@@ -26,7 +26,7 @@ from mailsh.server.state import StateDB
 from tests.kit.cli import mailsh_process
 from tests.kit.homes import Home
 from tests.kit.mailbox import mbox_append
-from tests.kit.serverkit import replies_for, request, server_settings
+from tests.kit.serverkit import listening_port, replies_for, request, server_settings
 from tests.kit.smtp import Sink
 
 
@@ -89,11 +89,8 @@ def test_serve_smtp_listener_answers_452_below_the_floor(
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 30
-        while server.smtp_port is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.smtp_port is not None
-        with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=10) as smtp:
+        port = listening_port(server)
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
             smtp.ehlo()
             code, text = smtp.mail("alice@example.org")
         assert (code, text[:5]) == (452, b"4.3.1")

@@ -36,7 +36,7 @@ import sysconfig
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from email.parser import BytesParser
 from email.policy import compat32
 from pathlib import Path
@@ -44,7 +44,7 @@ from typing import Any
 
 import pytest
 
-from mailsh import protocol, seal
+from mailsh import seal
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.trust import add_trusted_key, load_trust
 from mailsh.protocol import Reply, ReplyStatus
@@ -58,6 +58,7 @@ from tests.kit.mailrig import (
     unique_token,
     wait_for_message,
 )
+from tests.kit.serverkit import request_to
 
 pytestmark = pytest.mark.mailrig
 
@@ -313,23 +314,7 @@ def pipe_server(rig_env: dict[str, str], rig_alice: Home) -> Iterator[PipeServer
 
 
 def seal_for(client: Home, server: PipeServer, command: str) -> seal.SealedRequest:
-    now = datetime.now(UTC)
-    request = protocol.Request(
-        request_id=protocol.new_request_id(),
-        audience=protocol.Audience(address=server.address, fingerprint=server.fingerprint),
-        reply_to=client.email,
-        issued_at=now,
-        expires_at=now + timedelta(hours=1),
-        command=command,
-    )
-    return seal.seal_request(
-        client.gpg,
-        request,
-        signer=client.fingerprint,
-        recipient=server.fingerprint,
-        from_addr=client.email,
-        passphrase=None,
-    )
+    return request_to(client, server.address, server.fingerprint, command)
 
 
 def open_reply(client: Home, server_fpr: str, sealed: seal.SealedRequest, raw: bytes) -> Reply:

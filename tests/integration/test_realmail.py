@@ -49,7 +49,7 @@ from tests.kit.mailrig import (
     wait_for_message,
 )
 
-pytestmark = pytest.mark.mailrig
+pytestmark = [pytest.mark.mailrig, pytest.mark.usefixtures("no_mailsh_env")]
 
 MAILSH = [sys.executable, "-m", "mailsh"]
 SENDMAIL = Path("/usr/sbin/sendmail")
@@ -61,14 +61,6 @@ REPLY_ID = re.compile(rb"^Subject: mailsh reply ([0-9a-f]{32})\b", re.MULTILINE)
 
 Cleanup = Callable[[Path, str], None]
 Run = Callable[..., tuple[int, bytes, bytes]]
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only what a test sets: never the developer's MAILSH_* (or ~/.local/share/mailsh)."""
-    for name in list(os.environ):
-        if name.startswith("MAILSH_"):
-            monkeypatch.delenv(name)
 
 
 @dataclass

@@ -6,7 +6,9 @@ fixtures live in the other modules of :mod:`tests.kit`.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.identity import export_public, generate
+from mailsh.server.spool import Spool
 from mailsh.settings import ensure_home, load_settings
 from tests.kit.clientkit import Rig, make_rig
 from tests.kit.homes import Home, pair
@@ -88,7 +91,34 @@ def srv(make_home: Callable[..., Home], alice: Home) -> Home:
     return home
 
 
+@pytest.fixture
+def no_mailsh_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only what a test sets: never the developer's MAILSH_* (or ~/.local/share/mailsh)."""
+    for name in [n for n in os.environ if n.startswith("MAILSH_")]:
+        monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def scratch(monkeypatch: pytest.MonkeyPatch, no_mailsh_env: None) -> Iterator[Path]:
+    """A short scratch directory, the working directory (gpg-agent socket paths are
+    limited), no MAILSH_* set; the agents of the homes a test made keys in are stopped."""
+    path = Path(tempfile.mkdtemp(prefix="mso.", dir="/tmp"))
+    monkeypatch.chdir(path)
+    yield path
+    for gnupg in path.glob("*/gnupg"):
+        subprocess.run(
+            ["gpgconf", "--homedir", str(gnupg), "--kill", "all"], check=False, capture_output=True
+        )
+    shutil.rmtree(path, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- mail
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    """An empty spool in the test's temporary directory."""
+    return Spool(tmp_path / "spool")
 
 
 @pytest.fixture

@@ -6,20 +6,42 @@ that the server under test sends them to.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
+from typing import TypedDict, Unpack
 
 from mailsh import protocol, seal
 from mailsh.errors import ProtocolError
 from mailsh.keys.trust import load_trust
 from mailsh.protocol import Notice, Reply
+from mailsh.server.daemon import Server
+from mailsh.server.spool import Spool
 from mailsh.settings import Settings, load_settings
 from tests.kit.homes import Home
 from tests.kit.smtp import Sink
 
 
+class RequestFields(TypedDict, total=False):
+    """What a test may set on a request (the keywords of :func:`request_to`)."""
+
+    stdin: bytes | None
+    timeout: float | None
+    max_output_bytes: int | None
+    issued_at: datetime | None
+    encrypt: bool
+
+
 def request(
+    client: Home, server_home: Home, command: str, **fields: Unpack[RequestFields]
+) -> seal.SealedRequest:
+    """A request from ``client`` to ``server_home``, sealed as ``mailsh send`` seals it."""
+    return request_to(client, server_home.email, server_home.fingerprint, command, **fields)
+
+
+def request_to(
     client: Home,
-    server_home: Home,
+    address: str,
+    fingerprint: str,
     command: str,
     *,
     stdin: bytes | None = None,
@@ -31,7 +53,7 @@ def request(
     now = issued_at or datetime.now(UTC)
     req = protocol.Request(
         request_id=protocol.new_request_id(),
-        audience=protocol.Audience(address=server_home.email, fingerprint=server_home.fingerprint),
+        audience=protocol.Audience(address=address, fingerprint=fingerprint),
         reply_to=client.email,
         issued_at=now,
         expires_at=now + timedelta(hours=1),
@@ -44,7 +66,7 @@ def request(
         client.gpg,
         req,
         signer=client.fingerprint,
-        recipient=server_home.fingerprint if encrypt else None,
+        recipient=fingerprint if encrypt else None,
         from_addr=client.email,
         passphrase=None,
     )
@@ -107,3 +129,17 @@ def notices_for(
         if isinstance(found, Notice):
             out.append(found)
     return out
+
+
+def listening_port(server: Server, timeout: float = 30) -> int:
+    """The port of ``server``'s SMTP listener, once it listens (fails after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while server.smtp_port is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.smtp_port is not None
+    return server.smtp_port
+
+
+def spooled(spool: Spool) -> list[bytes]:
+    """The bytes of every message waiting in ``spool``."""
+    return [spool.read(m, 1 << 30) for m in spool.pending()]

@@ -16,6 +16,7 @@ from mailsh.errors import TransportError
 from mailsh.mail.maildir import scan_maildir
 from mailsh.server.intake.maildir import MaildirIntake
 from mailsh.server.spool import Spool, SpooledMessage
+from tests.kit.serverkit import spooled
 
 
 def make_maildir(path: Path) -> Path:
@@ -28,15 +29,6 @@ def deliver(maildir: Path, name: str, data: bytes) -> None:
     """Deliver like an MDA: write in tmp/, rename into new/."""
     (maildir / "tmp" / name).write_bytes(data)
     (maildir / "tmp" / name).rename(maildir / "new" / name)
-
-
-def spooled(spool: Spool) -> list[bytes]:
-    return [spool.read(m, 1 << 30) for m in spool.pending()]
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    return Spool(tmp_path / "spool")
 
 
 @pytest.fixture
