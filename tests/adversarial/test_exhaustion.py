@@ -16,13 +16,13 @@ import os
 import smtplib
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from tests.kit import forge
 from tests.kit.adversarial import Kit, Rig, marker_command, marker_runs
+from tests.kit.cli import serve_argv
 from tests.kit.homes import Home, pair
 from tests.kit.serverkit import request
 from tests.kit.smtp import Sink, free_port
@@ -108,18 +108,7 @@ def test_connection_flood_from_one_peer(
     marker, after = tmp_path / "ran", tmp_path / "next"
     port = free_port()
     env = {**os.environ, "MAILSH_HOME": str(home.settings.home)}
-    cmd = [
-        "prlimit",
-        f"--nofile={NOFILE}:{NOFILE}",
-        sys.executable,
-        "-m",
-        "mailsh",
-        "serve",
-        "--smtp-listen",
-        f"127.0.0.1:{port}",
-        "--workdir",
-        str(tmp_path),
-    ]
+    cmd = ["prlimit", f"--nofile={NOFILE}:{NOFILE}", *serve_argv(port, tmp_path)]
     with Sink() as sink:
         env["MAILSH_SMTP"] = sink.url
         proc = subprocess.Popen(

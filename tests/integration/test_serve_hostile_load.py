@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.kit.cli import serve_argv
 from tests.kit.homes import Home
 from tests.kit.serverkit import replies_for, request
 from tests.kit.smtp import Sink, free_port
@@ -42,17 +43,7 @@ def _serve(
     srv: Home, sink: Sink, workdir: Path, port: int, log: Path, *prefix: str
 ) -> subprocess.Popen[bytes]:
     env = {**os.environ, "MAILSH_HOME": str(srv.path), "MAILSH_SMTP": sink.url}
-    cmd = [
-        *prefix,
-        sys.executable,
-        "-m",
-        "mailsh",
-        "serve",
-        "--smtp-listen",
-        f"127.0.0.1:{port}",
-        "--workdir",
-        str(workdir),
-    ]
+    cmd = [*prefix, *serve_argv(port, workdir)]
     with log.open("wb") as err:
         return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
 

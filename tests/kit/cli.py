@@ -57,3 +57,17 @@ def mailsh_process(
         check=False,
         env={**os.environ, **env},
     )
+
+
+def serve_argv(port: int, workdir: Path) -> list[str]:
+    """``python -m mailsh serve`` with its SMTP listener on 127.0.0.1:PORT."""
+    return [
+        sys.executable,
+        "-m",
+        "mailsh",
+        "serve",
+        "--smtp-listen",
+        f"127.0.0.1:{port}",
+        "--workdir",
+        str(workdir),
+    ]

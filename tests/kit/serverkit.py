@@ -7,15 +7,18 @@ that the server under test sends them to.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import TypedDict, Unpack
 
+import pytest
+
 from mailsh import protocol, seal
-from mailsh.errors import ProtocolError
+from mailsh.errors import ProtocolError, TransportError
 from mailsh.keys.trust import load_trust
 from mailsh.protocol import Notice, Reply
 from mailsh.server.daemon import Server
-from mailsh.server.spool import Spool
+from mailsh.server.spool import Spool, SpooledMessage
 from mailsh.settings import Settings, load_settings
 from tests.kit.homes import Home
 from tests.kit.smtp import Sink
@@ -105,30 +108,47 @@ def server_settings(server_home: Home, sink: Sink, **overrides: object) -> Setti
     )
 
 
-def replies_for(
+def answers_for(
     client: Home, server_home: Home, sealed: seal.SealedRequest, sink: Sink
-) -> list[Reply]:
+) -> list[Reply | Notice]:
+    """Every answer to ``sealed`` that ``sink`` received (replies and notices), in order."""
     out = []
     for msg in sink.messages:
         try:
-            out.append(open_reply(client, server_home, sealed, msg.data))
+            out.append(open_answer(client, server_home, sealed, msg.data))
         except Exception:  # noqa: S112 - other requests' replies are expected here
             continue
     return out
+
+
+def replies_for(
+    client: Home, server_home: Home, sealed: seal.SealedRequest, sink: Sink
+) -> list[Reply]:
+    """The outcome replies to ``sealed`` (a notice is never one)."""
+    found = answers_for(client, server_home, sealed, sink)
+    return [answer for answer in found if isinstance(answer, Reply)]
 
 
 def notices_for(
     client: Home, server_home: Home, sealed: seal.SealedRequest, sink: Sink
 ) -> list[Notice]:
-    out = []
-    for msg in sink.messages:
-        try:
-            found = open_answer(client, server_home, sealed, msg.data)
-        except Exception:  # noqa: S112 - other requests' replies are expected here
-            continue
-        if isinstance(found, Notice):
-            out.append(found)
-    return out
+    found = answers_for(client, server_home, sealed, sink)
+    return [answer for answer in found if isinstance(answer, Notice)]
+
+
+def fail_second_put(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the spool's second ``put_stream`` fail with a TransportError ("disk full")."""
+    real = Spool.put_stream
+    calls = 0
+
+    def flaky(self: Spool, chunks: Iterator[bytes], *, source: str) -> SpooledMessage:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise TransportError("disk full")
+        return real(self, chunks, source=source)
+
+    monkeypatch.setattr(Spool, "put_stream", flaky)
 
 
 def listening_port(server: Server, timeout: float = 30) -> int:
