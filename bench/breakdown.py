@@ -26,8 +26,18 @@ from typing import Any
 from bench.context import Ctx
 from bench.core import Section, median
 from bench.roundtrip import COMMAND, send_argv
-from bench.world import CLIENTS_POLLED, SERVER, Home, Serve, Sink, free_port, polled, sealed_request
-from mailsh import protocol, seal
+from bench.world import (
+    CLIENTS_POLLED,
+    SERVER,
+    Home,
+    Serve,
+    Sink,
+    free_port,
+    open_request,
+    polled,
+    sealed_request,
+)
+from mailsh import protocol
 from mailsh.keys.crypto import seal as pgp_seal
 from mailsh.keys.crypto import verify
 from mailsh.keys.trust import load_trust
@@ -86,17 +96,7 @@ def _steps(ctx: Ctx, client: Home, server: Home, reply_mail: bytes) -> dict[str,
         sealed = timed("seal request (client)", lambda: sealed_request(client, server, COMMAND))
         timed(
             "decrypt+verify request (server)",
-            lambda s=sealed: seal.open_request(
-                server.gpg,
-                s.mail,
-                trust=trust_s,
-                server_addresses=[SERVER],
-                server_fingerprint=server.fingerprint,
-                now=datetime.now(UTC),
-                max_skew=timedelta(minutes=5),
-                max_age=timedelta(days=1),
-                max_bytes=10 << 20,
-            ),
+            lambda s=sealed: open_request(server, trust_s, s.mail),
         )
         timed(
             "spawn bash -c (server)",
@@ -117,7 +117,7 @@ def _steps(ctx: Ctx, client: Home, server: Home, reply_mail: bytes) -> dict[str,
                 is_pinned=trust_c.is_pinned,
                 now=datetime.now(UTC),
                 max_age=timedelta(days=1),
-                max_skew=timedelta(minutes=10),
+                max_skew=timedelta(seconds=client.settings.reply_clock_skew),
             ),
         )
     steps = {k: median(v) * 1000 for k, v in out.items()}

@@ -12,12 +12,10 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from datetime import UTC, datetime, timedelta
 
 from bench.context import Ctx
 from bench.core import Section, median
-from bench.world import SERVER, Home, Sink, run_once, sealed_request, write_mbox
-from mailsh import seal
+from bench.world import SERVER, Home, Sink, open_request, run_once, sealed_request, write_mbox
 from mailsh.keys.crypto import seal as pgp_seal
 from mailsh.keys.trust import load_trust
 
@@ -37,17 +35,7 @@ def floor(
     loop_started = time.perf_counter()
     for i in range(sizes.floor_requests):
         t0 = time.perf_counter()
-        seal.open_request(
-            server.gpg,
-            mails[i % len(mails)],
-            trust=trust,
-            server_addresses=[SERVER],
-            server_fingerprint=server.fingerprint,
-            now=datetime.now(UTC),
-            max_skew=timedelta(minutes=5),
-            max_age=timedelta(days=1),
-            max_bytes=10 << 20,
-        )
+        open_request(server, trust, mails[i % len(mails)])
         t1 = time.perf_counter()
         pgp_seal(server.gpg, reply_like, signer=server.fingerprint, recipient=client.fingerprint)
         t2 = time.perf_counter()

@@ -28,7 +28,8 @@ from bench.core import wait_until
 from mailsh import protocol, seal
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.identity import Algo, export_public, generate
-from mailsh.keys.trust import add_trusted_key
+from mailsh.keys.trust import TrustStore, add_trusted_key
+from mailsh.mail.message import read_mail
 from mailsh.settings import Settings, ensure_home, load_settings
 
 CLIENT = "operator@client.bench.test"
@@ -137,6 +138,20 @@ def sealed_request(client: Home, server: Home, command: str, **fields: Any) -> s
         recipient=server.fingerprint,
         from_addr=client.email,
         passphrase=None,
+    )
+
+
+def open_request(server: Home, trust: TrustStore, mail: bytes) -> seal.VerifiedRequest:
+    """What serve does with a request mail once it is spooled: read it, then open it."""
+    policy = seal.OpenPolicy.from_settings(
+        server.settings, addresses=[SERVER], fingerprint=server.fingerprint
+    )
+    return seal.open_request(
+        server.gpg,
+        read_mail(mail, max_bytes=policy.max_bytes),
+        policy,
+        trust=trust,
+        now=datetime.now(UTC),
     )
 
 

@@ -1,4 +1,4 @@
-"""Validating the mail addresses mailsh puts on the wire.
+"""Validating the mail addresses mailsh puts on the wire, and telling loopback hosts.
 
 An address reaches SMTP commands (``MAIL FROM``/``RCPT TO``), sendmail's argument vector
 and reply headers, so one stray CR/LF, NUL, space or angle bracket could inject a
@@ -13,6 +13,9 @@ in its common, unambiguous form:
 
 It does not lower-case or otherwise change the address: comparing addresses is the
 caller's business.
+
+:func:`is_loopback` says whether a host (of an SMTP or IMAP URL) is this machine, the one
+place a password or mail may go without TLS.
 """
 
 from __future__ import annotations
@@ -94,3 +97,14 @@ def _shown(addr: object) -> str:
     """A short, printable rendering of an untrusted address for error messages."""
     text = repr(addr)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ``::1``): the hosts
+    a password or plain text may go to unencrypted."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -241,8 +241,8 @@ def run_demo(
     wired as a playground (:class:`Playground`)."""
     from mailsh.client.send import send_request
     from mailsh.client.wait import await_reply
-    from mailsh.mail.mailer import Outbound
-    from mailsh.mail.transport import parse_smtp_url
+    from mailsh.mail.smtp_url import parse_smtp_url
+    from mailsh.mail.transport import Transport
 
     steps: list[tuple[str, float]] = []
 
@@ -295,7 +295,7 @@ def run_demo(
             command=command,
             to=SERVER_ADDRESS,
             require_server_key=True,
-            outbound=Outbound(smtp=parse_smtp_url(f"smtp://127.0.0.1:{server_port}")),
+            outbound=Transport(smtp=parse_smtp_url(f"smtp://127.0.0.1:{server_port}")),
         )
         step("sign, encrypt, send", t)
 

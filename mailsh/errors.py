@@ -13,6 +13,10 @@ Exit codes follow ssh: the remote command's status passes through unchanged
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class ExitCode(enum.IntEnum):
@@ -96,15 +100,35 @@ class TransportError(MailshError):
     """Sending or receiving mail failed (SMTP, sendmail, IMAP, mailbox files)."""
 
 
+class TransportTempError(TransportError):
+    """A sending failure where trying again later may succeed."""
+
+    temporary: ClassVar[bool] = True
+
+
+class HandoffUnknownError(TransportTempError):
+    """The mail may or may not have been accepted: the connection failed after the message
+    itself started to go out (SMTP DATA), or sendmail was killed or timed out. A caller
+    must treat the message as possibly sent (a request may run)."""
+
+
 class WaitTimeoutError(MailshError):
     """Waiting for something (a reply) took longer than allowed."""
 
 
 class StateError(MailshError):
-    """The state database is unusable."""
+    """A durable store is unusable: the state database, the server's spool
+    (``mailsh.server.spool.SpoolError``) or the client's pending requests."""
 
 
 class DeliveryTempFailError(MailshError):
     """``mailsh deliver`` could not make a message durable; the MTA must retry."""
 
     exit_code = ExitCode.TEMPFAIL
+
+
+def first_validation_error(exc: ValidationError) -> tuple[str, str]:
+    """Where and what of the first error pydantic found, to make one line of: the dotted
+    location (``audience.address``; ``""`` for a rule across fields) and pydantic's message."""
+    first = exc.errors()[0]
+    return ".".join(str(p) for p in first["loc"]), str(first["msg"])

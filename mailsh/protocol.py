@@ -35,7 +35,7 @@ from pydantic import (
 )
 
 from mailsh.addresses import validate_address
-from mailsh.errors import ProtocolError
+from mailsh.errors import ProtocolError, first_validation_error
 
 REQUEST_KIND = "mailsh.request.v1"
 REPLY_KIND = "mailsh.reply.v1"
@@ -48,7 +48,8 @@ MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
 MAX_REQUEST_LIFETIME = timedelta(days=7)
 UU_FILE_NAME = "request.asc"
 
-_REQUEST_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+REQUEST_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+"""A request id: 32 lowercase hex characters (128 bits); the one definition."""
 _FPR_RE = re.compile(r"^[0-9A-F]{40}$")
 
 
@@ -70,7 +71,7 @@ def _aware_utc(value: datetime) -> datetime:
 
 
 def _check_request_id(value: str) -> str:
-    if not _REQUEST_ID_RE.match(value):
+    if not REQUEST_ID_RE.match(value):
         raise ValueError("request id must be 32 lowercase hex characters (128 bits)")
     return value
 
@@ -240,9 +241,8 @@ def _validate(model: type[Request] | type[Reply] | type[Notice], doc: dict[str, 
     try:
         return model.model_validate(doc)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ProtocolError("malformed-payload", f"invalid {where}: {first['msg']}") from exc
+        where, what = first_validation_error(exc)
+        raise ProtocolError("malformed-payload", f"invalid {where}: {what}") from exc
 
 
 def parse_request(plaintext: bytes) -> Request:

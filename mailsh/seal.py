@@ -1,15 +1,17 @@
 """Sealing and opening mailsh mails: protocol + mail format + GnuPG, glued in one place.
 
-``open_request`` is the only way the server turns a received mail into something that
-may run. It raises :class:`ProtocolError` for anything not authenticated (the server
-discards those silently: no backscatter, no oracle) and :class:`AuthenticatedRejectionError`
-for a message whose signature is good but which must not run (the signer is told why).
+``open_request(gpg, mail, policy, ...)`` is the only way the server turns a received
+mail into something that may run: the mail is read once, by the caller (the server
+looks at its headers first), and judged by one :class:`OpenPolicy`. It raises
+:class:`ProtocolError` for anything not authenticated (the server discards those
+silently: no backscatter, no oracle) and :class:`AuthenticatedRejectionError` for a
+message whose signature is good but which must not run (the signer is told why).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -20,6 +22,7 @@ from mailsh.keys.gpg import Gpg
 from mailsh.keys.trust import TrustStore
 from mailsh.mail.message import IncomingMail, build_reply_mail, build_request_mail, read_mail
 from mailsh.protocol import Notice, Reply, Request
+from mailsh.settings import Settings
 
 REPLY_MAX_AGE = timedelta(days=30)
 _SEAL = object()
@@ -34,12 +37,10 @@ class AuthenticatedRejectionError(ProtocolError):
         *,
         verified: VerifiedPayload,
         request_id: str | None,
-        mail: IncomingMail,
     ) -> None:
         super().__init__(error.reason, error.message, hint=error.hint)
         self.verified = verified
         self.request_id = request_id
-        self.mail = mail
         self.payload_sha256 = hashlib.sha256(verified.plaintext).hexdigest()
 
 
@@ -99,30 +100,56 @@ def seal_request(
     )
 
 
+@dataclass(frozen=True)
+class OpenPolicy:
+    """What a server accepts, fixed for its run: built once, from Settings, by the server.
+
+    The trust store and the time are not part of it: each mail is judged against the
+    trust store as it is when the mail is opened (``mailsh trust add`` applies at once),
+    at that moment's time.
+    """
+
+    addresses: tuple[str, ...]  # the audience a request must name: this server's addresses
+    fingerprint: str | None  # ... and key
+    max_skew: timedelta  # clock skew tolerated between the signer and this server
+    max_age: timedelta  # the oldest request accepted
+    max_bytes: int  # the largest mail, and so the largest payload, accepted
+    require_encrypted: bool = False  # refuse signed-only requests
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, addresses: Sequence[str], fingerprint: str
+    ) -> OpenPolicy:
+        return cls(
+            addresses=tuple(addresses),
+            fingerprint=fingerprint,
+            max_skew=timedelta(seconds=settings.clock_skew),
+            max_age=timedelta(seconds=settings.max_request_age),
+            max_bytes=settings.max_message_bytes,
+            require_encrypted=settings.require_encryption,
+        )
+
+
 def open_request(
     gpg: Gpg,
-    raw: bytes,
+    mail: IncomingMail,
+    policy: OpenPolicy,
     *,
     trust: TrustStore,
-    server_addresses: list[str],
-    server_fingerprint: str | None,
     now: datetime,
-    max_skew: timedelta,
-    max_age: timedelta,
-    max_bytes: int,
-    require_encrypted: bool = False,
     passphrase: str | None = None,
 ) -> VerifiedRequest:
-    mail = read_mail(raw, max_bytes=max_bytes)
-    armored = protocol.extract_armor(protocol.extract_uu(mail.body, max_bytes=max_bytes))
+    """The request in ``mail`` (read once, by the caller, with :func:`read_mail`) if it
+    passes every check of ``policy`` against ``trust`` at ``now``; else raise."""
+    armored = protocol.extract_armor(protocol.extract_uu(mail.body, max_bytes=policy.max_bytes))
     verified = verify(
         gpg,
         armored,
         is_pinned=trust.is_pinned,
         now=now,
-        max_age=max_age,
-        max_skew=max_skew,
-        require_encrypted=require_encrypted,
+        max_age=policy.max_age,
+        max_skew=policy.max_skew,
+        require_encrypted=policy.require_encrypted,
         passphrase=passphrase,
     )
     # From here on the signer is authenticated: failures are reported to it.
@@ -131,9 +158,7 @@ def open_request(
         raise ProtocolError("signer-not-pinned", "signer vanished from the trust store")
 
     def reject(error: ProtocolError, request_id: str | None = None) -> ProtocolError:
-        return AuthenticatedRejectionError(
-            error, verified=verified, request_id=request_id, mail=mail
-        )
+        return AuthenticatedRejectionError(error, verified=verified, request_id=request_id)
 
     plain = not verified.plaintext.lstrip().startswith(b"{")
     if plain:
@@ -155,11 +180,11 @@ def open_request(
             protocol.check_request(
                 request,
                 signed_at=verified.signed_at,
-                server_addresses=server_addresses,
-                server_fingerprint=server_fingerprint,
+                server_addresses=list(policy.addresses),
+                server_fingerprint=policy.fingerprint,
                 now=now,
-                max_skew=max_skew,
-                max_age=max_age,
+                max_skew=policy.max_skew,
+                max_age=policy.max_age,
             )
         except ProtocolError as exc:
             raise reject(exc, parsed_id) from exc
@@ -249,6 +274,7 @@ def open_answer(
     request_id: str,
     request_sha256: str,
     now: datetime,
+    max_skew: timedelta,
     max_bytes: int,
     passphrase: str | None = None,
 ) -> Reply | Notice:
@@ -256,6 +282,7 @@ def open_answer(
 
     That is the outcome (:class:`Reply`) or a :class:`~mailsh.protocol.Notice`, which is
     news and never the outcome (a waiting client keeps waiting for the reply).
+    ``max_skew`` is the client's ``reply_clock_skew``.
     """
     mail = read_mail(raw, max_bytes=max_bytes)
     armored = protocol.extract_armor(mail.body)
@@ -265,40 +292,10 @@ def open_answer(
         is_pinned=lambda fpr: fpr == server_fingerprint and trust.is_pinned(fpr),
         now=now,
         max_age=REPLY_MAX_AGE,
-        max_skew=timedelta(minutes=10),
+        max_skew=max_skew,
         passphrase=passphrase,
     )
     reply = protocol.parse_server_message(verified.plaintext)
     if reply.request_sha256 != request_sha256 or reply.request_id not in (None, request_id):
         raise ProtocolError("not-our-reply", "reply answers another request")
     return reply
-
-
-def open_reply(
-    gpg: Gpg,
-    raw: bytes,
-    *,
-    trust: TrustStore,
-    server_fingerprint: str,
-    request_id: str,
-    request_sha256: str,
-    now: datetime,
-    max_bytes: int,
-    passphrase: str | None = None,
-) -> Reply:
-    """The outcome reply to exactly this request (see :func:`open_answer`); a notice
-    raises :class:`ProtocolError` with reason ``not-an-outcome``."""
-    found = open_answer(
-        gpg,
-        raw,
-        trust=trust,
-        server_fingerprint=server_fingerprint,
-        request_id=request_id,
-        request_sha256=request_sha256,
-        now=now,
-        max_bytes=max_bytes,
-        passphrase=passphrase,
-    )
-    if isinstance(found, Notice):
-        raise ProtocolError("not-an-outcome", "a notice about the request, not its reply")
-    return found

@@ -27,7 +27,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from mailsh.errors import ConfigError
+from mailsh.errors import ConfigError, first_validation_error
 from mailsh.units import parse_duration, parse_size
 
 CONFIG_FILE_NAME = "mailsh.toml"
@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     )
     max_message_bytes: int = Field(default=10 * MiB, gt=0)
     clock_skew: int = Field(default=300, ge=0, description="seconds of clock skew tolerated")
+    reply_clock_skew: int = Field(
+        default=600, ge=0, description="client: seconds of clock skew tolerated in a reply"
+    )
     max_request_age: int = Field(default=86_400, gt=0, description="oldest request accepted, s")
     command_timeout: float = Field(default=60.0, gt=0)
     max_command_timeout: float = Field(default=3600.0, gt=0)
@@ -321,16 +324,15 @@ def load_settings(**flags: Any) -> Settings:
     try:
         settings = Settings(**family_overrides(given), **given)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        where, what = first_validation_error(exc)
         if not where:  # a rule across settings (a model validator)
-            message = str(first["msg"]).removeprefix("Value error, ")
+            message = what.removeprefix("Value error, ")
             raise ConfigError(
                 f"invalid settings: {message}",
                 hint=f"check the flags, MAILSH_* variables and {CONFIG_FILE_NAME}",
             ) from exc
         raise ConfigError(
-            f"invalid setting {where}: {first['msg']}",
+            f"invalid setting {where}: {what}",
             hint=f"check the --{where.replace('_', '-')} flag, MAILSH_{where.upper()} "
             f"or {CONFIG_FILE_NAME}",
         ) from exc

@@ -2,10 +2,12 @@
 
 Text that a sender, a mail server or a mailbox controls (headers, reasons, server
 answers, file names) can carry CR and LF (forged log lines), ESC (terminal control
-sequences), or invisible characters such as bidi overrides. Two forms, both built on
+sequences), or invisible characters such as bidi overrides. Three forms, all built on
 ``str.isprintable`` (false for every control, format, separator-other-than-space,
 private-use and unassigned character):
 
+* :func:`printable` for a fixed layout (table cells): every non-printable character
+  replaced by one given character, nothing else changed.
 * :func:`printable_line` for people: one short line, every non-printable character a
   space, runs of whitespace collapsed. Lossy, easy to read (error messages, terminals).
 * :func:`escape` for logs: every non-printable character written as ``\\n``, ``\\xNN``,
@@ -19,9 +21,14 @@ from __future__ import annotations
 MAX_SHOWN_CHARS = 500
 
 
+def printable(text: str, replacement: str = "?") -> str:
+    """``text`` with each non-printable character replaced by ``replacement``."""
+    return "".join(ch if ch.isprintable() else replacement for ch in text)
+
+
 def printable_line(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
     """``text`` as one printable line of at most ``limit`` characters (``...`` if cut)."""
-    line = " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())
+    line = " ".join(printable(text, " ").split())
     if len(line) > limit:
         line = line[: max(0, limit - 3)] + "..."
     return line

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mailsh.status import Section, human_time
+from mailsh.text import printable
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -24,7 +25,7 @@ def _cell(value: object) -> Text:
     text = str(value)
     if len(text) >= 20 and text[:4].isdigit() and "T" in text[:11]:
         text = human_time(text)
-    return Text("".join(ch if ch.isprintable() else "?" for ch in text))
+    return Text(printable(text))
 
 
 def render(console: Console, sections: list[Section]) -> None:

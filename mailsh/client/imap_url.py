@@ -14,10 +14,10 @@ passes it (the CLI reads ``MAILSH_IMAP_PASSWORD``).
 from __future__ import annotations
 
 import enum
-import ipaddress
 import urllib.parse
 from dataclasses import dataclass
 
+from mailsh.addresses import is_loopback
 from mailsh.errors import UsageError
 
 DEFAULT_PORTS = {"imap": 143, "imaps": 993}
@@ -48,15 +48,6 @@ class ImapTarget:
         box = urllib.parse.quote(self.mailbox, safe="/")
         query = "?tls=none" if self.tls is TlsMode.NONE else ""
         return f"{scheme}://{user}@{host}:{self.port}/{box}{query}"
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _bad_url(url: str, why: str) -> UsageError:
@@ -109,7 +100,7 @@ def _tls_mode(url: str, scheme: str, host: str, query_string: str) -> TlsMode:
         return TlsMode.IMPLICIT if scheme == "imaps" else TlsMode.STARTTLS
     if scheme != "imap" or query["tls"] != ["none"]:
         raise _bad_url(url, "the only accepted parameter is ?tls=none on imap://")
-    if not _is_loopback(host):
+    if not is_loopback(host):
         raise UsageError(
             f"refusing IMAP without TLS to {host}: only loopback hosts may use ?tls=none",
             hint="drop ?tls=none (STARTTLS is then required) or use imaps://",

@@ -19,14 +19,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from mailsh.errors import MailshError, StateError
+from mailsh.fsio import atomic_write
+from mailsh.protocol import REQUEST_ID_RE
 
 PENDING_FORMAT = "mailsh.pending.v1"
 PENDING_DIR = "pending"
@@ -35,8 +35,6 @@ KEEP_RECORDS = timedelta(days=30)
 
 COMMAND_PREVIEW = 200
 """How much of the command a record keeps, to show it in ``mailsh status``."""
-
-_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 class UnknownRequestError(MailshError):
@@ -122,7 +120,7 @@ def _utc(value: object) -> datetime:
 
 def check_request_id(request_id: str) -> str:
     """``request_id`` if it looks like one mailsh send prints; else UnknownRequestError."""
-    if not _ID_RE.match(request_id):
+    if not REQUEST_ID_RE.match(request_id):
         raise UnknownRequestError(
             f"{request_id[:80]!r} is not a request id (32 lowercase hex characters)",
             hint="use the id that mailsh send printed",
@@ -146,21 +144,7 @@ class PendingStore:
         data = (json.dumps(record.to_json(), indent=2, sort_keys=True) + "\n").encode()
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".pending.", dir=self.directory)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            atomic_write(target, data, prefix=".pending.")
         except OSError as exc:
             raise StateError(
                 f"cannot record the pending request in {self.directory}: {exc.strerror}",
@@ -205,7 +189,7 @@ class PendingStore:
             raise StateError(f"cannot list {self.directory}: {exc.strerror}") from exc
         for name in names:
             stem = name.removesuffix(".json")
-            if not name.endswith(".json") or not _ID_RE.match(stem):
+            if not name.endswith(".json") or not REQUEST_ID_RE.match(stem):
                 continue
             with contextlib.suppress(MailshError):
                 out.append(self.load(stem))

@@ -30,8 +30,15 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from mailsh.client.pending import MboxMark, PendingRequest, PendingStore
-from mailsh.errors import ConfigError, MailshError, TrustError, UsageError
-from mailsh.mail.mailer import Outbound, outbound_from_settings
+from mailsh.errors import (
+    ConfigError,
+    HandoffUnknownError,
+    MailshError,
+    TrustError,
+    UsageError,
+    first_validation_error,
+)
+from mailsh.mail.transport import Transport, transport_from_settings
 
 if TYPE_CHECKING:
     from mailsh.client.wait import ReplyMailbox
@@ -85,10 +92,9 @@ def build_request(
             timeout=timeout,
         )
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "request"
+        where, what = first_validation_error(exc)
         raise UsageError(
-            f"cannot build the request: {where}: {first['msg']}",
+            f"cannot build the request: {where or 'request'}: {what}",
             hint="check the command, --stdin and --timeout",
         ) from exc
 
@@ -148,7 +154,7 @@ class PreparedRequest:
 
     sealed: SealedRequest
     pending: PendingRequest
-    outbound: Outbound
+    outbound: Transport
     encrypted: bool
     server_key: TrustedKey | None
     from_addr: str
@@ -193,7 +199,7 @@ def prepare_request(
     encrypt: bool = True,
     require_server_key: bool = False,
     require_mailbox: bool = False,
-    outbound: Outbound | None = None,
+    outbound: Transport | None = None,
     now: datetime | None = None,
     on_warning: Callable[[str], None] | None = None,
     on_note: Callable[[str], None] | None = None,
@@ -237,7 +243,7 @@ def prepare_request(
             "so there is nothing to wait for",
             hint=f"{SERVER_KEY_HINT}; or send without --wait",
         )
-    outbound = outbound or outbound_from_settings(settings)
+    outbound = outbound or transport_from_settings(settings)
     configured = any(
         x is not None for x in (settings.reply_mbox, settings.reply_maildir, settings.reply_imap)
     )
@@ -304,8 +310,6 @@ def submit_request(settings: Settings, prepared: PreparedRequest) -> SentRequest
     while the message was going out, sendmail was killed, an interrupt), the record is
     kept and :class:`MaybeSentError` says so, with the command to wait for the reply.
     """
-    from mailsh.mail.transport import HandoffUnknownError
-
     rid = prepared.request_id
     store = PendingStore(settings.home)
     store.prune(now=prepared.pending.created)
@@ -347,7 +351,7 @@ def send_request(
     timeout: float | None = None,
     encrypt: bool = True,
     require_server_key: bool = False,
-    outbound: Outbound | None = None,
+    outbound: Transport | None = None,
     now: datetime | None = None,
     on_warning: Callable[[str], None] | None = None,
 ) -> SentRequest:

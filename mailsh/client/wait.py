@@ -396,6 +396,7 @@ class ReplyMatcher:
     record: PendingRequest
     server_fingerprint: str
     max_bytes: int
+    max_skew: timedelta  # the reply's signature time against this clock
     passphrase: str | None = None
     on_notice: Callable[[Notice], None] | None = None
     ignored: list[str] = field(default_factory=list)
@@ -428,6 +429,7 @@ class ReplyMatcher:
                 request_id=self.record.request_id,
                 request_sha256=self.record.payload_sha256,
                 now=datetime.now(UTC),
+                max_skew=self.max_skew,
                 max_bytes=self.max_bytes,
                 passphrase=self.passphrase,
             )
@@ -549,6 +551,7 @@ def await_reply(
             record=record,
             server_fingerprint=reply_fingerprint(record, trust),
             max_bytes=settings.max_message_bytes,
+            max_skew=timedelta(seconds=settings.reply_clock_skew),
             passphrase=settings.passphrase(),
             on_notice=on_notice,
         )

@@ -9,15 +9,14 @@ contents and mail headers never authorize anything (docs/security.md P2). Writte
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from mailsh.errors import IdentityError, TrustError
+from mailsh.fsio import atomic_write
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.identity import EMAIL_RE
 
@@ -144,22 +143,7 @@ def load_trust(path: Path) -> TrustStore:
 def save_trust(path: Path, store: TrustStore) -> None:
     doc = {"format": TRUST_FORMAT, "keys": [asdict(k) for k in store.keys]}
     data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
-    fd, tmp = tempfile.mkstemp(prefix=".trust.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, data, prefix=".trust.")
 
 
 def add_trusted_key(

@@ -130,9 +130,12 @@ class IncomingMail:
     subject_hint: str
 
 
-def read_mail(raw: bytes, *, max_bytes: int) -> IncomingMail:
-    """Parse a received mail, or raise ProtocolError (reason says why)."""
-    if len(raw) > max_bytes:
+def read_mail(raw: bytes, *, max_bytes: int | None) -> IncomingMail:
+    """Parse a received mail, or raise ProtocolError (reason says why).
+
+    ``max_bytes`` None: the caller already bounded ``raw`` (the server's spool read).
+    """
+    if max_bytes is not None and len(raw) > max_bytes:
         raise ProtocolError("too-large", f"mail is larger than {max_bytes} bytes")
     if b"\x00" in raw:
         raise ProtocolError("nul-byte", "mail contains NUL bytes")

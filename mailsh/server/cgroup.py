@@ -38,6 +38,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+from mailsh.fsio import atomic_write
+from mailsh.server.claimant import pid_exists
+
 log = logging.getLogger(__name__)
 
 PARENT_PREFIX = "mailsh-serve-"
@@ -140,16 +143,6 @@ def _write(path: Path, text: str) -> None:
         fh.write(text)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale(directory: Path, path: str) -> None:
     """Remove the parent cgroups of serve processes that no longer exist, killing what
     their commands left running: the dead serve reported them "outcome unknown"
@@ -161,7 +154,7 @@ def _remove_stale(directory: Path, path: str) -> None:
             pid_text = name[len(PARENT_PREFIX) :].split("-", 1)[0]
             if not name.startswith(PARENT_PREFIX) or not pid_text.isdigit():
                 continue
-            if _pid_alive(int(pid_text)):
+            if pid_exists(int(pid_text)):
                 continue
             with contextlib.suppress(OSError):
                 _remove_children(entry, f"{path.rstrip('/')}/{name}", "a dead serve")
@@ -256,10 +249,10 @@ def record(home: Path, containment: Containment) -> None:
         "pid": os.getpid(),
         "since": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    tmp = home / f".{RECORD_NAME}.{os.getpid()}"
     try:
-        tmp.write_text(json.dumps(doc) + "\n", encoding="utf-8")
-        tmp.replace(home / RECORD_NAME)
+        atomic_write(
+            home / RECORD_NAME, (json.dumps(doc) + "\n").encode(), prefix=f".{RECORD_NAME}."
+        )
     except OSError as exc:
         log.warning("cannot record the containment mode in %s: %s", home, exc.strerror)
 

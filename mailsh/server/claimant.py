@@ -9,6 +9,9 @@ does not keep a dead process's claim alive. Claims written by older versions are
 
 Only a claim whose process is gone may be settled by someone else ("outcome unknown",
 docs/protocol.md section 9): a live process's claim is never answered by another.
+
+:func:`pid_exists` is the plain check, for names that hold only a pid (serve's cgroups,
+dotlocks): whether a pid is in use at all, whoever runs it.
 """
 
 from __future__ import annotations
@@ -75,3 +78,15 @@ def is_gone(claimed_by: str) -> bool:
 def is_me(claimed_by: str) -> bool:
     """True when ``claimed_by`` names the calling process."""
     return claimed_by == this_process() or claimed_by == f"{socket.gethostname()}:{os.getpid()}"
+
+
+def pid_exists(pid: int) -> bool:
+    """True while some process on this host has ``pid`` (it may be owned by another user,
+    or be another program that reused the pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True

@@ -17,8 +17,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 from mailsh.errors import TransportError
-from mailsh.mail.mailer import outbound_from_settings
-from mailsh.mail.transport import is_temporary
+from mailsh.mail.transport import is_temporary, transport_from_settings
 from mailsh.server.state import Outbound as QueuedReply
 from mailsh.server.state import StateDB, next_backoff
 from mailsh.settings import Settings
@@ -34,7 +33,7 @@ class SettingsMailer:
     of replies shares one SMTP connection (:meth:`session`)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.outbound = outbound_from_settings(settings)
+        self.outbound = transport_from_settings(settings)
 
     def __call__(self, mail_from: str, rcpt_to: str, message: bytes) -> None:
         self.outbound.submit(mail_from=mail_from, rcpt_to=[rcpt_to], message=message)

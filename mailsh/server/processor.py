@@ -21,13 +21,10 @@ Every message ends in exactly one recorded state (docs/security.md P9):
   never answered by another;
 - anything that crashes the pipeline twice before a claim: ``quarantined`` (P11).
 
-Replies go only to the address pinned with the authorizing key (P7), are signed by the
-server and encrypted to that key (P8); no decrypted byte of a failed message leaves.
-There is one place that builds an answer: :meth:`Processor._seal`.
+What is said to the signer, and how it is sealed, is :mod:`mailsh.server.replies`.
 
-This module is over the ~400-line guide on purpose for now: every path that takes or ends
-a claim is here, so the exactly-once rules can be read in one place. Splitting it
-(verdicts; copies and claim settlement; sealing) is left to the redesign (issue 11).
+This module is over the ~400-line guide on purpose: every path that takes or ends a
+claim (run, reject, copy, settle) is here, so the exactly-once rules read in one place.
 """
 
 from __future__ import annotations
@@ -36,9 +33,8 @@ import hashlib
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from mailsh import seal
 from mailsh.errors import MailshError, ProtocolError
@@ -46,10 +42,11 @@ from mailsh.keys.capability import EncryptionCheck
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.trust import TrustStore, load_trust
 from mailsh.mail.message import read_mail
-from mailsh.protocol import Notice, OriginalState, Reply, ReplyStatus
+from mailsh.protocol import OriginalState, Reply, ReplyStatus
 from mailsh.server import claimant
 from mailsh.server.cgroup import Containment
 from mailsh.server.execute import ExecLimits, run_command
+from mailsh.server.replies import Addressee, Replies
 from mailsh.server.spool import MessageTooLarge, Spool, SpooledMessage
 from mailsh.server.state import ClaimedRequest, MailToQueue, MessageState, StateDB
 from mailsh.settings import Settings
@@ -74,12 +71,6 @@ def decision(event: str, **fields: object) -> None:
     log.info(event, extra={"mailsh": {"event": event, **fields}})
 
 
-INTERRUPTED_REASON = (
-    "the server stopped while the command was running; it may or may not have "
-    "completed, and it will not be run again"
-)
-
-
 def _original_state(claim: ClaimedRequest) -> OriginalState:
     if claim.finished_at is None:
         return OriginalState.RUNNING
@@ -89,12 +80,6 @@ def _original_state(claim: ClaimedRequest) -> OriginalState:
     if status.endswith("(unreported)"):
         return OriginalState.UNREPORTED
     return OriginalState.FINISHED
-
-
-def _reply_id(request_id: str) -> str | None:
-    """The id a reply may carry: a 32-hex request id (rejections of unreadable payloads
-    are recorded under the payload hash, and their replies carry no id)."""
-    return request_id if len(request_id) == 32 else None
 
 
 class Processor:
@@ -117,6 +102,12 @@ class Processor:
         self.identity = identity
         self._notify = on_reply_queued
         self.workdir = settings.workdir or Path("/")
+        self.policy = seal.OpenPolicy.from_settings(
+            settings, addresses=identity.addresses, fingerprint=identity.fingerprint
+        )
+        self.replies = Replies(
+            settings, gpg, address=identity.address, fingerprint=identity.fingerprint
+        )
         self._can_encrypt = EncryptionCheck(gpg)
         self.containment: Containment | None = None  # set by serve: cgroup or session kill
 
@@ -171,118 +162,82 @@ class Processor:
     # -- the pipeline ---------------------------------------------------------------
 
     def _process(self, msg: SpooledMessage) -> MessageState:  # noqa: PLR0911 - one exit per verdict
-        s = self.settings
-        try:
-            raw = self.spool.read(msg, s.max_message_bytes)
+        try:  # the one size check on this path (P10): the spool reads no more than this
+            raw = self.spool.read(msg, self.policy.max_bytes)
         except MessageTooLarge:
             return self._discard(msg, "too-large", size=msg.size)
         self.state.record_message(
             msg.id, source=msg.source, size=len(raw), sha256=hashlib.sha256(raw).hexdigest()
         )
         try:
-            mail = read_mail(raw, max_bytes=s.max_message_bytes)
+            mail = read_mail(raw, max_bytes=None)
         except ProtocolError as exc:
             return self._discard(msg, exc.reason)
         if mail.auto_submitted not in (None, "no"):
             return self._discard(msg, "auto-submitted")
         if mail.is_bounce:
             return self._discard(msg, "bounce")
-        trust = load_trust(s.trust_file)
-        now = datetime.now(UTC)
+        trust = load_trust(self.settings.trust_file)
         try:
             request = seal.open_request(
                 self.gpg,
-                raw,
+                mail,
+                self.policy,
                 trust=trust,
-                server_addresses=self.identity.addresses,
-                server_fingerprint=self.identity.fingerprint,
-                now=now,
-                max_skew=timedelta(seconds=s.clock_skew),
-                max_age=timedelta(seconds=s.max_request_age),
-                max_bytes=s.max_message_bytes,
-                require_encrypted=s.require_encryption,
-                passphrase=s.passphrase(),
+                now=datetime.now(UTC),
+                passphrase=self.settings.passphrase(),
             )
         except seal.AuthenticatedRejectionError as exc:
-            return self._reject(
-                msg,
-                trust,
-                signer=exc.verified.signer,
-                request_id=exc.request_id or exc.payload_sha256,
-                request_sha256=exc.payload_sha256,
-                issued_at=exc.verified.signed_at,
-                in_reply_to=exc.mail.message_id,
-                reason=exc.reason,
-                detail=exc.message,
-            )
+            sha256 = exc.payload_sha256
+            to = Addressee(exc.verified.signer, exc.request_id or sha256, sha256, mail.message_id)
+            return self._reject(msg, trust, to, exc.verified.signed_at, exc.reason, exc.message)
         except ProtocolError as exc:
             return self._discard(msg, exc.reason, detail=exc.message)
+        to = _addressee(request)
         if not self._can_encrypt(request.signer):
             return self._reject(
                 msg,
                 trust,
-                signer=request.signer,
-                request_id=request.request_id,
-                request_sha256=request.payload_sha256,
-                issued_at=request.signed_at,
-                in_reply_to=request.message_id,
-                reason="no-encryption-key",
-                detail="the signing key has no usable encryption subkey (expired or "
+                to,
+                request.signed_at,
+                "no-encryption-key",
+                "the signing key has no usable encryption subkey (expired or "
                 "revoked since it was pinned), so no reply can be encrypted to it; "
                 "nothing was run",
             )
-        return self._run(msg, trust, request)
+        return self._run(msg, trust, request, to)
 
     def _reject(
         self,
         msg: SpooledMessage,
         trust: TrustStore,
-        *,
-        signer: str,
-        request_id: str,
-        request_sha256: str,
+        to: Addressee,
         issued_at: datetime,
-        in_reply_to: str | None,
         reason: str,
         detail: str,
     ) -> MessageState:
         """An authenticated request's one outcome is "rejected" (unless it was taken before:
         then this is a copy). Reported when a reply can be encrypted to the signer."""
-        if self.state.find_claim(signer, request_id) is not None:
-            return self._duplicate(msg, trust, signer, request_id, request_sha256, in_reply_to)
+        if self.state.find_claim(to.signer, to.request_id) is not None:
+            return self._duplicate(msg, trust, to)
         why = f"{reason}: {detail}"
-        reply = Reply(
-            request_id=_reply_id(request_id),
-            request_sha256=request_sha256,
-            server=self.identity.address,
-            status=ReplyStatus.REJECTED,
-            reason=why,
-        )
-        mail = self._seal(trust, signer, reply, in_reply_to)
+        mail = self.replies.seal(trust, to, self.replies.rejected(to, why))
         recorded = self.state.record_rejection(
             spool_id=msg.id,
-            signer=signer,
-            request_id=request_id,
+            signer=to.signer,
+            request_id=to.request_id,
             issued_at=issued_at,
-            request_sha256=request_sha256,
+            request_sha256=to.request_sha256,
             reason=why if mail is not None else f"{why} (unreported)",
             reply=mail,
         )
         if not recorded:  # another copy was taken in between
-            return self._duplicate(msg, trust, signer, request_id, request_sha256, in_reply_to)
-        self._queued(mail)
-        decision(
-            "rejected",
-            message=msg.id,
-            signer=signer,
-            request=request_id,
-            reason=reason,
-            reported=mail is not None,
-        )
+            return self._duplicate(msg, trust, to)
+        self._reported("rejected", msg.id, to, mail, reason=reason)
         return MessageState.REJECTED if mail is not None else MessageState.UNREPORTED
 
     def _run(
-        self, msg: SpooledMessage, trust: TrustStore, request: seal.VerifiedRequest
+        self, msg: SpooledMessage, trust: TrustStore, request: seal.VerifiedRequest, to: Addressee
     ) -> MessageState:
         s = self.settings
         claimed = self.state.claim_request(
@@ -294,14 +249,7 @@ class Processor:
             spool_id=msg.id,
         )
         if not claimed:
-            return self._duplicate(
-                msg,
-                trust,
-                request.signer,
-                request.request_id,
-                request.payload_sha256,
-                request.message_id,
-            )
+            return self._duplicate(msg, trust, to)
         # From here on this message holds the claim: every path below ends it, once.
         timeout = min(request.timeout or s.command_timeout, s.max_command_timeout)
         cap = min(request.max_output_bytes or s.max_output_bytes, s.max_output_bytes)
@@ -312,11 +260,6 @@ class Processor:
             request=request.request_id,
             timeout=timeout,
         )
-        answer: dict[str, Any] = {
-            "request_id": request.request_id,
-            "request_sha256": request.payload_sha256,
-            "server": self.identity.address,
-        }
         try:
             result = run_command(
                 request.command,
@@ -330,30 +273,10 @@ class Processor:
             )
         except MailshError as exc:  # refused before the command started (e.g. run-as user)
             decision("error", message=msg.id, request=request.request_id, reason=exc.message)
-            return self._conclude(
-                msg,
-                trust,
-                request,
-                Reply(
-                    **answer,
-                    status=ReplyStatus.ERROR,
-                    reason=f"the server could not start the command: {exc.message}",
-                ),
-            )
+            return self._conclude(msg, trust, to, self.replies.not_started(to, exc.message))
         except Exception as exc:
             log.exception("running request %s failed", request.request_id)
-            return self._conclude(
-                msg,
-                trust,
-                request,
-                Reply(
-                    **answer,
-                    status=ReplyStatus.OUTCOME_UNKNOWN,
-                    reason=f"the server failed while running the command "
-                    f"({type(exc).__name__}); it may or may not have run, and it will "
-                    "not be run again",
-                ),
-            )
+            return self._conclude(msg, trust, to, self.replies.failed_running(to, exc))
         decision(
             "executed",
             message=msg.id,
@@ -364,85 +287,53 @@ class Processor:
             timed_out=result.timed_out,
             seconds=round((result.finished_at - result.started_at).total_seconds(), 3),
         )
-        reply = Reply(
-            **answer,
-            status=ReplyStatus.OK,
-            exit_code=result.exit_code,
-            signal=result.signal,
-            timed_out=result.timed_out,
-            stdout=result.stdout,
-            stderr=result.stderr,
-            stdout_truncated=result.stdout_truncated,
-            stderr_truncated=result.stderr_truncated,
-            started_at=result.started_at,
-            finished_at=result.finished_at,
-            memory_peak_bytes=result.memory_peak_bytes,
-            pids_peak=result.pids_peak,
-        )
-        status = "exit " + (
-            str(result.exit_code) if result.signal is None else f"signal {result.signal}"
-        )
-        fallback = Reply(
-            **answer,
-            status=ReplyStatus.ERROR,
-            reason=f"the command ran and ended with {status}, but its result could not be "
-            "sealed for you; it will not be run again",
-        )
-        return self._conclude(msg, trust, request, reply, fallback=fallback)
+        return self._conclude(msg, trust, to, *self.replies.result(to, result))
 
     def _conclude(
         self,
         msg: SpooledMessage,
         trust: TrustStore,
-        request: seal.VerifiedRequest,
+        to: Addressee,
         reply: Reply,
-        *,
         fallback: Reply | None = None,
     ) -> MessageState:
         """End the claim this message holds with ``reply`` (or, if that cannot be sealed,
         ``fallback``; if neither can, with no report), in one transaction."""
-        mail = self._seal(trust, request.signer, reply, request.message_id)
+        mail = self.replies.seal(trust, to, reply)
         if mail is None and fallback is not None:
             reply = fallback
-            mail = self._seal(trust, request.signer, reply, request.message_id)
+            mail = self.replies.seal(trust, to, reply)
         final = {
             ReplyStatus.OUTCOME_UNKNOWN: MessageState.OUTCOME_UNKNOWN,
         }.get(reply.status, MessageState.REPLIED)
         status = reply.status.value
         if mail is None:
             final, status = MessageState.UNREPORTED, f"{status} (unreported)"
-            decision("unreported", message=msg.id, request=request.request_id, status=status)
+            decision("unreported", message=msg.id, request=to.request_id, status=status)
         settled = self.state.settle_claim(
-            signer=request.signer,
-            request_id=request.request_id,
+            signer=to.signer,
+            request_id=to.request_id,
             status=status,
             message_state=final,
             reason=reply.reason,
             reply=mail,
         )
         if not settled:  # given up on at shutdown and already reported outcome-unknown
-            log.warning("request %s finished after it was reported", request.request_id)
+            log.warning("request %s finished after it was reported", to.request_id)
             return self.state.message_state(msg.id) or MessageState.OUTCOME_UNKNOWN
         self._queued(mail)
         return final
 
     # -- copies and interrupted claims --------------------------------------------------
 
-    def _duplicate(
-        self,
-        msg: SpooledMessage,
-        trust: TrustStore,
-        signer: str,
-        request_id: str,
-        request_sha256: str,
-        in_reply_to: str | None,
-    ) -> MessageState:
+    def _duplicate(self, msg: SpooledMessage, trust: TrustStore, to: Addressee) -> MessageState:
         """A copy of a request already taken: never run, never a second outcome.
 
         The first copy of a request gets one notice (docs/protocol.md section 9) naming
         what became of the original; later copies get nothing. A copy of a request
         whose claimant died settles that claim first (outcome unknown, reported once).
         """
+        signer, request_id = to.signer, to.request_id
         original = self.state.find_claim(signer, request_id)
         if original is None:  # only its signature was seen (a claim of an older version)
             self.state.set_message_state(
@@ -460,15 +351,7 @@ class Processor:
         was = _original_state(original)
         mail = None
         if original.notice_sent_at is None:
-            notice = Notice(
-                request_id=_reply_id(request_id),
-                request_sha256=request_sha256,
-                server=self.identity.address,
-                original=was,
-                reason=f"this server received another copy of request {request_id}; the "
-                f"original is {was.value}; the copy was not run",
-            )
-            mail = self._seal(trust, signer, notice, in_reply_to)
+            mail = self.replies.seal(trust, to, self.replies.notice(to, was))
         queued = self.state.finish_duplicate(
             spool_id=msg.id,
             signer=signer,
@@ -505,7 +388,7 @@ class Processor:
         current = self.state.message_state(msg.id)
         return current if current is not None else MessageState.OUTCOME_UNKNOWN
 
-    def settle_claim(self, claim: ClaimedRequest, reason: str = INTERRUPTED_REASON) -> bool:
+    def settle_claim(self, claim: ClaimedRequest) -> bool:
         """Report an interrupted claim "outcome unknown", once; never re-run it.
 
         The caller has established that no process is running it any more (its process
@@ -514,14 +397,9 @@ class Processor:
         """
         if claim.finished_at is not None:
             return False
-        reply = Reply(
-            request_id=_reply_id(claim.request_id),
-            request_sha256=claim.request_sha256,
-            server=self.identity.address,
-            status=ReplyStatus.OUTCOME_UNKNOWN,
-            reason=reason,
-        )
-        mail = self._seal(load_trust(self.settings.trust_file), claim.signer, reply, None)
+        to = Addressee(claim.signer, claim.request_id, claim.request_sha256)
+        trust = load_trust(self.settings.trust_file)
+        mail = self.replies.seal(trust, to, self.replies.interrupted(to))
         settled = self.state.settle_claim(
             signer=claim.signer,
             request_id=claim.request_id,
@@ -531,14 +409,7 @@ class Processor:
             reply=mail,
         )
         if settled:
-            self._queued(mail)
-            decision(
-                "outcome-unknown",
-                message=claim.spool_id,
-                signer=claim.signer,
-                request=claim.request_id,
-                reported=mail is not None,
-            )
+            self._reported("outcome-unknown", claim.spool_id, to, mail)
         return settled
 
     def settle_abandoned(self, running: Collection[str] = (), *, mine_too: bool = False) -> int:
@@ -562,37 +433,24 @@ class Processor:
                 log.exception("could not settle request %s of %s", claim.request_id, claim.signer)
         return settled
 
-    # -- the one place an answer is sealed --------------------------------------------
-
-    def _seal(
-        self, trust: TrustStore, signer: str, payload: Reply | Notice, in_reply_to: str | None
-    ) -> MailToQueue | None:
-        """The signed, encrypted mail carrying ``payload`` to ``signer``'s pinned address.
-
-        None when it cannot be sent: the signer is no longer pinned (say nothing, P7), or
-        sealing failed (no usable encryption subkey, a gpg failure); the caller records
-        that the outcome went unreported.
-        """
-        entry = trust.get(signer)
-        if entry is None:
-            log.warning("not answering %s: the key is no longer pinned", signer)
-            return None
-        try:
-            message = seal.seal_reply(
-                self.gpg,
-                payload,
-                signer=self.identity.fingerprint,
-                recipient=signer,
-                to_addr=entry.reply_to,
-                in_reply_to=in_reply_to,
-                passphrase=self.settings.passphrase(),
-                summary=self.settings.reply_summary,
-            )
-        except Exception as exc:
-            log.error("could not seal the answer to %s for %s: %s", payload.request_id, signer, exc)
-            return None
-        return MailToQueue(to_addr=entry.reply_to, from_addr=self.identity.address, message=message)
-
     def _queued(self, mail: MailToQueue | None) -> None:
         if mail is not None and callable(self._notify):
             self._notify()
+
+    def _reported(
+        self, event: str, spool_id: str, to: Addressee, mail: MailToQueue | None, **fields: object
+    ) -> None:
+        """An outcome was recorded: wake the sender if it was sealed, and log it."""
+        self._queued(mail)
+        decision(
+            event,
+            message=spool_id,
+            signer=to.signer,
+            request=to.request_id,
+            **fields,
+            reported=mail is not None,
+        )
+
+
+def _addressee(request: seal.VerifiedRequest) -> Addressee:
+    return Addressee(request.signer, request.request_id, request.payload_sha256, request.message_id)

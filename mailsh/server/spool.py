@@ -40,7 +40,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mailsh.errors import TransportError
+from mailsh.errors import StateError
+from mailsh.fsio import fsync_dir
 from mailsh.text import escape
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ _MAX_REASON_CHARS = 2000
 TMP_MAX_AGE = 36 * 3600.0
 
 
-class SpoolError(TransportError):
+class SpoolError(StateError):
     """The spool could not store, move or read a message."""
 
 
@@ -81,14 +82,6 @@ class SpooledMessage:
         return self.path.name
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _new_id() -> str:
     return f"{time.time_ns():020d}.{os.getpid()}.{secrets.token_hex(8)}"
 
@@ -110,7 +103,7 @@ class Spool:
                         f"spool directory {self.root / sub} is a symbolic link",
                         hint=f"replace {self.root / sub} by a directory (mode 0700)",
                     )
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as exc:
             raise SpoolError(
                 f"cannot create spool {self.root}: {exc.strerror}",
@@ -161,7 +154,7 @@ class Spool:
                 raise SpoolError(f"cannot store message in {self.root}: {exc}") from exc
             raise
         try:
-            _fsync_dir(self.new)
+            fsync_dir(self.new)
         except OSError as exc:
             # The rename happened but is not known durable: report failure so the caller
             # keeps its copy. At worst the message is then spooled twice.
@@ -230,8 +223,8 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"cannot move {src} to {target_dir}: {exc.strerror}") from exc
         try:
-            _fsync_dir(target_dir)
-            _fsync_dir(self.new)
+            fsync_dir(target_dir)
+            fsync_dir(self.new)
         except OSError as exc:
             raise SpoolError(f"cannot fsync spool directories: {exc.strerror}") from exc
         return dst

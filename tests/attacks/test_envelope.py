@@ -1,4 +1,4 @@
-"""open_request / open_reply against hostile mails: the server-side accepting path."""
+"""open_request / open_answer against hostile mails: the server-side accepting path."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from mailsh import protocol, seal
 from mailsh.errors import ProtocolError
 from mailsh.keys.crypto import seal as pgp_seal
 from mailsh.keys.trust import TrustStore, add_trusted_key, load_trust
+from mailsh.mail.message import read_mail
 from mailsh.protocol import Audience, Reply, ReplyStatus, Request
 from mailsh.seal import AuthenticatedRejectionError, SealedRequest, VerifiedRequest
+from mailsh.settings import load_settings
 from tests.kit import forge
 from tests.kit.homes import Home
 
@@ -90,18 +92,27 @@ def seal_req(
     )
 
 
-def open_req(w: World, raw: bytes, trust: TrustStore | None = None, **over: Any) -> VerifiedRequest:
-    kw: dict[str, Any] = {
-        "trust": trust or w.server_trust,
-        "server_addresses": [SERVER],
-        "server_fingerprint": w.server.fingerprint,
-        "now": now(),
+def open_req(
+    w: World,
+    raw: bytes,
+    trust: TrustStore | None = None,
+    at: datetime | None = None,
+    **over: Any,
+) -> VerifiedRequest:
+    """What the server does with ``raw``: read it, then open it (``over``: the policy)."""
+    fields: dict[str, Any] = {
+        "addresses": (SERVER,),
+        "fingerprint": w.server.fingerprint,
         "max_skew": SKEW,
         "max_age": AGE,
         "max_bytes": MAX,
     }
-    kw.update(over)
-    return seal.open_request(w.server.gpg, raw, **kw)
+    fields.update(over)
+    policy = seal.OpenPolicy(**fields)
+    mail = read_mail(raw, max_bytes=policy.max_bytes)
+    return seal.open_request(
+        w.server.gpg, mail, policy, trust=trust or w.server_trust, now=at or now()
+    )
 
 
 def signed_bytes_mail(w: World, payload: bytes, *, by: Home | None = None) -> bytes:
@@ -136,6 +147,26 @@ def test_request_round_trip(world: World, encrypt: bool) -> None:
     assert got.payload_sha256 == sealed.payload_sha256
     assert got.message_id == sealed.message_id
     assert not got.plain_script
+
+
+def test_the_servers_policy_is_its_settings(tmp_path: Path) -> None:
+    """serve builds its one OpenPolicy from exactly these settings."""
+    settings = load_settings(
+        home=tmp_path,
+        clock_skew=7,
+        max_request_age=9,
+        max_message_bytes=11,
+        require_encryption=True,
+    )
+    policy = seal.OpenPolicy.from_settings(settings, addresses=[SERVER], fingerprint="F" * 40)
+    assert policy == seal.OpenPolicy(
+        addresses=(SERVER,),
+        fingerprint="F" * 40,
+        max_skew=timedelta(seconds=7),
+        max_age=timedelta(seconds=9),
+        max_bytes=11,
+        require_encrypted=True,
+    )
 
 
 def test_verified_request_cannot_be_built_directly() -> None:
@@ -250,7 +281,7 @@ def test_future_dated_signature(world: World) -> None:
 
 def test_stale_signature(world: World) -> None:
     sealed = seal_req(world, make_request(world))
-    err = rejected(lambda: open_req(world, sealed.mail, now=now() + timedelta(days=2)))
+    err = rejected(lambda: open_req(world, sealed.mail, at=now() + timedelta(days=2)))
     assert err.reason == "signature-too-old"
 
 
@@ -535,7 +566,7 @@ def _reply_mail(
 
 
 def _open_reply(world: World, raw: bytes, sealed: SealedRequest) -> Reply:
-    return seal.open_reply(
+    found = seal.open_answer(
         world.alice.gpg,
         raw,
         trust=world.alice_trust,
@@ -543,8 +574,16 @@ def _open_reply(world: World, raw: bytes, sealed: SealedRequest) -> Reply:
         request_id=sealed.request.request_id,
         request_sha256=sealed.payload_sha256,
         now=now(),
+        max_skew=timedelta(seconds=world.alice.settings.reply_clock_skew),
         max_bytes=MAX,
     )
+    assert isinstance(found, Reply)
+    return found
+
+
+def test_reply_clock_skew_is_ten_minutes_unless_set(tmp_path: Path) -> None:
+    assert load_settings(home=tmp_path).reply_clock_skew == 600
+    assert load_settings(home=tmp_path, reply_clock_skew=5).reply_clock_skew == 5
 
 
 def test_reply_round_trip(world: World) -> None:

@@ -1,4 +1,4 @@
-"""Fuzzing the whole verification path, ``seal.open_request``, with real gpg.
+"""Fuzzing the whole verification path, ``read_mail`` then ``seal.open_request``, with real gpg.
 
 Starting from valid sealed requests (signed and encrypted, and signed only), hypothesis
 flips bytes, truncates, inserts, edits headers and re-wraps the mail. Whatever comes
@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from mailsh import protocol, seal
 from mailsh.errors import GpgError, ProtocolError
 from mailsh.keys.trust import TrustStore, add_trusted_key, load_trust
+from mailsh.mail.message import read_mail
 from tests.kit import forge
 from tests.kit.fuzzing import budget, guard
 from tests.kit.homes import Home
@@ -36,6 +37,7 @@ class Target:
     signer: str
     server: Home
     trust: TrustStore
+    policy: seal.OpenPolicy
     sealed: list[seal.SealedRequest]
 
 
@@ -49,22 +51,22 @@ def target(alice: Home, server: Home, tmp_path_factory: pytest.TempPathFactory) 
         request(alice, server, "echo fuzz-original", stdin=b"in\x00put", encrypt=encrypt)
         for encrypt in (True, False)
     ]
-    yield Target(alice.fingerprint, server, load_trust(trust_file), sealed)
+    policy = seal.OpenPolicy(
+        addresses=(server.email,),
+        fingerprint=server.fingerprint,
+        max_skew=timedelta(minutes=5),
+        max_age=timedelta(days=1),
+        max_bytes=MAX,
+    )
+    yield Target(alice.fingerprint, server, load_trust(trust_file), policy, sealed)
 
 
 def _open(t: Target, raw: bytes) -> seal.VerifiedRequest | None:
     with guard():
         try:
+            mail = read_mail(raw, max_bytes=MAX)
             return seal.open_request(
-                t.server.gpg,
-                raw,
-                trust=t.trust,
-                server_addresses=[t.server.email],
-                server_fingerprint=t.server.fingerprint,
-                now=datetime.now(UTC),
-                max_skew=timedelta(minutes=5),
-                max_age=timedelta(days=1),
-                max_bytes=MAX,
+                t.server.gpg, mail, t.policy, trust=t.trust, now=datetime.now(UTC)
             )
         except (ProtocolError, GpgError):
             return None

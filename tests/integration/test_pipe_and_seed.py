@@ -36,7 +36,7 @@ import sysconfig
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.parser import BytesParser
 from email.policy import compat32
 from pathlib import Path
@@ -318,7 +318,7 @@ def seal_for(client: Home, server: PipeServer, command: str) -> seal.SealedReque
 
 
 def open_reply(client: Home, server_fpr: str, sealed: seal.SealedRequest, raw: bytes) -> Reply:
-    return seal.open_reply(
+    found = seal.open_answer(
         client.gpg,
         raw,
         trust=load_trust(client.settings.trust_file),
@@ -326,8 +326,11 @@ def open_reply(client: Home, server_fpr: str, sealed: seal.SealedRequest, raw: b
         request_id=sealed.request.request_id,
         request_sha256=sealed.payload_sha256,
         now=datetime.now(UTC),
+        max_skew=timedelta(seconds=client.settings.reply_clock_skew),
         max_bytes=50_000_000,
     )
+    assert isinstance(found, Reply), found  # a notice is never the outcome
+    return found
 
 
 # --------------------------------------------------------------------------- pipe delivery

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -35,7 +35,7 @@ from mailsh import seal
 from mailsh.client.pending import PendingRequest, PendingStore
 from mailsh.client.send import send_request
 from mailsh.keys.trust import load_trust
-from mailsh.protocol import ReplyStatus
+from mailsh.protocol import Reply, ReplyStatus
 from mailsh.settings import load_settings
 from tests.kit.cli import run_main
 from tests.kit.homes import Home, pair
@@ -482,7 +482,7 @@ def test_burst_of_200_requests_through_postfix_each_run_once_each_answered(
     """200 requests through 587 while serve (2 workers) runs: ran once, answered once.
 
     The library sends (one SMTP session each, like 200 ``mailsh send``) and verifies the
-    replies with ``seal.open_reply``; 200 CLI processes would only add start-up time.
+    replies with ``seal.open_answer``; 200 CLI processes would only add start-up time.
     """
     marker = tmp_path / "ran"
     alice = homes.alice
@@ -531,7 +531,7 @@ def _collect_replies(
 ) -> dict[str, int]:
     """Poll alice's mbox until every request has a verified OK reply; count replies per id.
 
-    Each reply is verified once (``seal.open_reply``); a message that fails to open
+    Each reply is verified once (``seal.open_answer``); a message that fails to open
     is only tolerated as the mbox's last one (Postfix may still be writing it).
     """
     trust = load_trust(client.settings.trust_file)
@@ -548,7 +548,7 @@ def _collect_replies(
             if rid in verified:
                 continue
             try:
-                reply = seal.open_reply(
+                reply = seal.open_answer(
                     client.gpg,
                     raw,
                     trust=trust,
@@ -556,8 +556,10 @@ def _collect_replies(
                     request_id=rid,
                     request_sha256=pending[rid].payload_sha256,
                     now=datetime.now(UTC),
+                    max_skew=timedelta(seconds=client.settings.reply_clock_skew),
                     max_bytes=10_000_000,
                 )
+                assert isinstance(reply, Reply), reply  # a notice is never the outcome
             except Exception:
                 if index == len(messages) - 1:
                     counts[rid] -= 1

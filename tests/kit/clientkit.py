@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from mailsh.keys.trust import add_trusted_key, load_trust
+from mailsh.mail.message import read_mail
 from mailsh.protocol import Reply, ReplyStatus
-from mailsh.seal import VerifiedRequest, open_request, seal_reply
+from mailsh.seal import OpenPolicy, VerifiedRequest, open_request, seal_reply
 from mailsh.settings import Settings
 from tests.kit.homes import Home
 
@@ -44,16 +45,16 @@ def make_rig(make_home: Callable[..., Home], server: Home, tmp: Path) -> Rig:
 
 def open_as_server(rig: Rig, raw: bytes, *, address: str | None = None) -> VerifiedRequest:
     """What ``mailsh serve`` does first: verify the received request mail."""
-    return open_request(
-        rig.server.gpg,
-        raw,
-        trust=load_trust(rig.server_trust),
-        server_addresses=[address or rig.server.email],
-        server_fingerprint=rig.server.fingerprint,
-        now=datetime.now(UTC),
+    policy = OpenPolicy(
+        addresses=(address or rig.server.email,),
+        fingerprint=rig.server.fingerprint,
         max_skew=timedelta(minutes=5),
         max_age=timedelta(days=1),
         max_bytes=10 * MiB,
+    )
+    mail = read_mail(raw, max_bytes=policy.max_bytes)
+    return open_request(
+        rig.server.gpg, mail, policy, trust=load_trust(rig.server_trust), now=datetime.now(UTC)
     )
 
 

@@ -94,6 +94,7 @@ def open_answer(
         request_id=sealed.request.request_id,
         request_sha256=sealed.payload_sha256,
         now=datetime.now(UTC),
+        max_skew=timedelta(seconds=client.settings.reply_clock_skew),
         max_bytes=50_000_000,
     )
 

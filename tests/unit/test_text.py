@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from mailsh.server.logs import _JsonFormatter, _TextFormatter
-from mailsh.text import escape, printable_line
+from mailsh.text import escape, printable, printable_line
 
 HOSTILE = "id@x\r\n2026-01-01 00:00:00,000 INFO executed decision=ok\x1b[2J\u202egnp\x00\\"
 
@@ -17,6 +17,11 @@ def test_printable_line_removes_every_control_and_bounds_the_length() -> None:
     assert printable_line("a\x1b[31m b\r\nc\u202ed\x00") == "a [31m b c d"
     assert printable_line("x" * 20, 10) == "x" * 7 + "..."
     assert printable_line("  plain  text ") == "plain text"
+
+
+def test_printable_replaces_each_control_and_keeps_the_layout() -> None:
+    assert printable("a\x1b[31m  b\r\n\u202e") == "a?[31m  b???"
+    assert printable("a\tb", " ") == "a b"
 
 
 def test_escape_is_one_line_and_shows_what_arrived() -> None:

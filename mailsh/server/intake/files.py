@@ -25,18 +25,17 @@ other mailboxes.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
 import os
 import stat
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from mailsh.errors import TransportError
+from mailsh.fsio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +193,8 @@ class RefusalRecord:
             self._save(doc)
 
     def _save(self, doc: dict[str, dict[str, str]]) -> None:
-        tmp: str | None = None
+        data = json.dumps(doc, indent=1, sort_keys=True).encode()
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".refused.", dir=self.path.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(doc, fh, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
+            atomic_write(self.path, data, prefix=".refused.")
         except OSError as exc:
             log.warning("cannot record mailbox refusals in %s: %s", self.path, exc)
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)

@@ -43,6 +43,7 @@ from pathlib import Path
 
 from mailsh.errors import TransportError
 from mailsh.mail.mbox import Span, lockf, read_span, spans
+from mailsh.server.claimant import pid_exists
 from mailsh.server.intake.files import (
     MailboxRefusedError,
     RefusalRecord,
@@ -67,13 +68,7 @@ def _names_dead_mailsh(content: bytes) -> bool:
     pid = int(match[1])
     if pid == os.getpid():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # exists, owned by someone else
-        return False
-    return False
+    return not pid_exists(pid)
 
 
 def _check_mbox(st: os.stat_result, path: Path) -> None:

@@ -33,8 +33,8 @@ from mailsh.errors import (
     UsageError,
 )
 from mailsh.keys.gpg import Gpg
-from mailsh.mail.mailer import Outbound, outbound_from_settings
-from mailsh.mail.transport import SmtpOptions, parse_smtp_url
+from mailsh.mail.smtp_url import SmtpOptions, parse_smtp_url
+from mailsh.mail.transport import Transport, transport_from_settings
 from mailsh.settings import ensure_home, load_settings
 from tests.kit.clientkit import Rig, open_as_server
 from tests.kit.mailbox import mbox_append
@@ -149,12 +149,12 @@ def test_no_transport_configured(rig: Rig) -> None:
 
 def test_both_transports_configured_is_refused(rig: Rig) -> None:
     with pytest.raises(UsageError, match="choose one"):
-        outbound_from_settings(rig.settings(smtp="smtp://h:587", sendmail=Path("/bin/true")))
+        transport_from_settings(rig.settings(smtp="smtp://h:587", sendmail=Path("/bin/true")))
 
 
-def test_outbound_from_settings_carries_tls_options(rig: Rig, tmp_path: Path) -> None:
+def test_transport_from_settings_carries_tls_options(rig: Rig, tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
-    out = outbound_from_settings(
+    out = transport_from_settings(
         rig.settings(smtp="smtps://me@mail.test", require_tls=True, smtp_ca_file=ca)
     )
     assert out.smtp == parse_smtp_url("smtps://me@mail.test")
@@ -214,9 +214,9 @@ def test_from_address_setting_wins_over_key_email(rig: Rig, sink: Sink) -> None:
     assert sent.sealed.request.reply_to == "ops@client.test"
 
 
-def test_outbound_needs_exactly_one_way() -> None:
+def test_transport_needs_exactly_one_way() -> None:
     with pytest.raises(UsageError):
-        Outbound()
+        Transport()
 
 
 # --------------------------------------------------------------------------- pieces

@@ -216,6 +216,7 @@ def test_matcher_checks_each_message_once(rig: Rig, sink: Sink) -> None:
         record=sent.pending,
         server_fingerprint=rig.server.fingerprint,
         max_bytes=1 << 20,
+        max_skew=timedelta(seconds=rig.client.settings.reply_clock_skew),
     )
     bad = _flip_one_armor_byte(mail)
     assert matcher.check(bad) is None

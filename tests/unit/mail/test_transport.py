@@ -1,4 +1,5 @@
-"""mailsh.mail.transport against a real aiosmtpd server on 127.0.0.1 and a real fake sendmail."""
+"""Mail submission (mailsh.mail.transport, smtp, sendmail) against a real aiosmtpd server
+on 127.0.0.1 and a real fake sendmail."""
 
 from __future__ import annotations
 
@@ -15,20 +16,12 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from pydantic import SecretStr
 
 from mailsh.addresses import InvalidAddressError, validate_address
-from mailsh.errors import TransportError, UsageError
-from mailsh.mail import transport
-from mailsh.mail.transport import (
-    SmtpOptions,
-    SmtpSession,
-    SmtpTarget,
-    TransportTempError,
-    is_temporary,
-    parse_smtp_url,
-    send_sendmail,
-    send_smtp,
-    to_crlf,
-    to_lf,
-)
+from mailsh.errors import TransportError, TransportTempError, UsageError
+from mailsh.mail import smtp
+from mailsh.mail.sendmail import send_sendmail
+from mailsh.mail.smtp import SmtpSession, send_smtp
+from mailsh.mail.smtp_url import SmtpOptions, SmtpTarget, parse_smtp_url
+from mailsh.mail.transport import is_temporary, to_crlf, to_lf
 from tests.kit.smtp import PortZeroController
 
 # A body with a line starting "From " (mboxo would quote it; send_message would mangle it)
@@ -255,12 +248,12 @@ def test_plain_send_arrives_byte_exact(make_server: Any) -> None:
 def test_plain_smtp_does_not_load_the_system_ca_store(make_server: Any) -> None:
     # Loading it cost tens of ms per `mailsh send` and per reply (docs/performance.md);
     # plain SMTP on loopback never needs it.
-    transport._system_tls_context.cache_clear()
+    smtp._system_tls_context.cache_clear()
     server = make_server()
     send_smtp(server.url(), OPTS, mail_from=FROM, rcpt_to=[TO], message=MESSAGE)
     send_smtp(server.url(), OPTS, mail_from=FROM, rcpt_to=[TO], message=MESSAGE)
     assert server.recorder.envelopes == [(FROM, [TO], MESSAGE)] * 2
-    assert transport._system_tls_context.cache_info().currsize == 0
+    assert smtp._system_tls_context.cache_info().currsize == 0
 
 
 def test_session_sends_a_burst_over_one_connection(make_server: Any) -> None:
