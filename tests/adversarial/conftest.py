@@ -1,4 +1,8 @@
-"""The actors of the adversarial corpus: throwaway keys, some pinned, some revoked."""
+"""The actors of the adversarial corpus: throwaway keys, some pinned, some revoked.
+
+Here ``rig`` is a running serve (tests.kit.adversarial), not the client rig that
+tests.kit.fixtures registers under that name for the other folders.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,9 @@ from dataclasses import replace
 import pytest
 
 from mailsh.keys.trust import TrustedKey, load_trust, save_trust
-from tests.adversarial.kit import Kit, PastKey, Rig, serve_rig
-from tests.attacks import forge
-from tests.conftest import Home
-from tests.integration.serverkit import pair
+from tests.kit import forge
+from tests.kit.adversarial import Kit, PastKey, Rig, serve_rig
+from tests.kit.homes import Home, pair
 
 PAST = "20200101T000000!"  # keys made then, valid for a day: long expired
 

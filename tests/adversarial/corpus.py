@@ -1,6 +1,6 @@
 """The adversarial corpus: one builder function per hostile case, grouped by threat class.
 
-Every builder gets the :class:`~tests.adversarial.kit.Kit` (throwaway keys made for this
+Every builder gets the :class:`~tests.kit.adversarial.Kit` (throwaway keys made for this
 test session) and a fresh marker path, and returns the mails to feed plus what the
 promises of docs/security.md allow to happen: how often the marker command may run and
 how many replies (always to the pinned address) may leave. Anything unauthenticated
@@ -21,9 +21,9 @@ from mailsh import protocol, seal
 from mailsh.keys import packets
 from mailsh.keys.crypto import seal as pgp_seal
 from mailsh.protocol import Reply, ReplyStatus
-from tests.adversarial.kit import RIG_SETTINGS, Case, Hostile, Kit, marker_command
-from tests.attacks import forge
-from tests.integration.serverkit import open_reply
+from tests.kit import forge
+from tests.kit.adversarial import RIG_SETTINGS, Case, Hostile, Kit, marker_command
+from tests.kit.serverkit import open_reply
 
 CORPUS: list[Case] = []
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.adversarial.corpus import CORPUS
-from tests.adversarial.kit import INTAKES, Case, Rig, marker_command, marker_runs
+from tests.kit.adversarial import INTAKES, Case, Rig, marker_command, marker_runs
 
 #: Fed through a real ``mailsh deliver`` process as well (half a second per mail).
 PROCESS_SAMPLE = ["gpg-confusion/unsigned-literal", "bombs/oversize-mail"]

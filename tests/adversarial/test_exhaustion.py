@@ -16,15 +16,16 @@ import os
 import smtplib
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.adversarial.kit import Kit, Rig, marker_command, marker_runs
-from tests.attacks import forge
-from tests.conftest import Home
-from tests.integration.serverkit import Sink, pair, request
+from tests.kit import forge
+from tests.kit.adversarial import Kit, Rig, marker_command, marker_runs
+from tests.kit.cli import serve_argv
+from tests.kit.homes import Home, pair
+from tests.kit.serverkit import request
+from tests.kit.smtp import Sink, free_port
 
 NOFILE = 256  # serve's descriptor limit in the flood test
 FLOOD = 400  # idle connections from one peer: more than serve could ever hold open
@@ -70,12 +71,6 @@ def test_a_burst_of_mail_in_the_mbox(rig: Rig, tmp_path: Path) -> None:
     assert len(rig.mailed(before)) == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -111,20 +106,9 @@ def test_connection_flood_from_one_peer(
     home = make_home("root@flood.test", address="root@flood.test")
     pair(kit.alice, home)
     marker, after = tmp_path / "ran", tmp_path / "next"
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MAILSH_HOME": str(home.settings.home)}
-    cmd = [
-        "prlimit",
-        f"--nofile={NOFILE}:{NOFILE}",
-        sys.executable,
-        "-m",
-        "mailsh",
-        "serve",
-        "--smtp-listen",
-        f"127.0.0.1:{port}",
-        "--workdir",
-        str(tmp_path),
-    ]
+    cmd = ["prlimit", f"--nofile={NOFILE}:{NOFILE}", *serve_argv(port, tmp_path)]
     with Sink() as sink:
         env["MAILSH_SMTP"] = sink.url
         proc = subprocess.Popen(

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.adversarial.kit import Kit, marker_command, marker_runs, serve_rig, to_mbox
+from tests.kit.adversarial import Kit, marker_command, marker_runs, serve_rig
+from tests.kit.mailbox import to_mbox
 
 HANG_SECONDS = 8.0  # the next request is served in well under a second when nothing hangs
 

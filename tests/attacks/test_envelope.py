@@ -22,8 +22,8 @@ from mailsh.mail.message import read_mail
 from mailsh.protocol import Audience, Reply, ReplyStatus, Request
 from mailsh.seal import AuthenticatedRejectionError, SealedRequest, VerifiedRequest
 from mailsh.settings import load_settings
-from tests.attacks import forge
-from tests.conftest import Home
+from tests.kit import forge
+from tests.kit.homes import Home
 
 SKEW = timedelta(minutes=5)
 AGE = timedelta(days=1)

@@ -5,7 +5,7 @@ flips bytes, truncates, inserts, edits headers and re-wraps the mail. Whatever c
 out, open_request either refuses it with the documented ProtocolError / GpgError family
 (AuthenticatedRejectionError is a ProtocolError) or returns exactly the original,
 signed request: nothing else can ever reach the command runner. Each example is guarded
-against hangs (tests/fuzz/guard.py).
+against hangs (tests/kit/fuzzing.py).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from mailsh import protocol, seal
 from mailsh.errors import GpgError, ProtocolError
 from mailsh.keys.trust import TrustStore, add_trusted_key, load_trust
 from mailsh.mail.message import read_mail
-from tests.attacks import forge
-from tests.conftest import Home
-from tests.fuzz.guard import budget, guard
-from tests.integration.serverkit import request
+from tests.kit import forge
+from tests.kit.fuzzing import budget, guard
+from tests.kit.homes import Home
+from tests.kit.serverkit import request
 
 MAX = 256 * 1024
 

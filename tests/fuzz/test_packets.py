@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from mailsh.errors import ProtocolError
 from mailsh.keys import packets
 from mailsh.keys.packets import COMPRESSED, LITERAL, ONEPASS, PKESK, SEIPD, SIG
-from tests.attacks import forge
-from tests.fuzz.guard import budget, guard
+from tests.kit import forge
+from tests.kit.fuzzing import budget, guard
 
 CAP = 64 * 1024
 

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from mailsh import protocol
 from mailsh.errors import ProtocolError
 from mailsh.mail.message import MESSAGE_ID_RE, IncomingMail, read_mail
-from tests.attacks import forge
-from tests.fuzz.guard import budget, guard
+from tests.kit import forge
+from tests.kit.fuzzing import budget, guard
 
 MAX = 64 * 1024
 

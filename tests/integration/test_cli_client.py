@@ -14,55 +14,23 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mailsh.cli import main
 from mailsh.client.pending import PendingStore
 from mailsh.protocol import ReplyStatus
-from tests.conftest import Home
-from tests.unit.client.test_send import (
-    Rig,
-    Sink,
-    answer,
-    append_mbox,
-    closed_port,
-    drop_maildir,
-    make_rig,
-    open_as_server,
-    smtp_sink,
-)
+from tests.kit.cli import run_main
+from tests.kit.clientkit import Rig, answer, open_as_server
+from tests.kit.homes import Home
+from tests.kit.mailbox import drop_maildir, mbox_append
+from tests.kit.smtp import Sink, free_port
 
 ID_LINE = re.compile(rb"^[0-9a-f]{32}\n$")
 
-
-@pytest.fixture(scope="module")
-def rig(
-    make_home: Callable[..., Home], server: Home, tmp_path_factory: pytest.TempPathFactory
-) -> Rig:
-    return make_rig(make_home, server, tmp_path_factory.mktemp("rig"))
-
-
-@pytest.fixture
-def sink() -> Iterator[tuple[Sink, str]]:
-    with smtp_sink() as pair:
-        yield pair
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("MAILSH_"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture(scope="module")
-def mallory_signs(rig: Rig, mallory: Home) -> Home:
-    mallory.gpg.raw.import_keys(rig.client.pubkey.read_text())
-    return mallory
+pytestmark = pytest.mark.usefixtures("no_mailsh_env")
 
 
 Run = Callable[..., tuple[int, bytes, bytes]]
@@ -73,12 +41,7 @@ def run(capsysbinary: pytest.CaptureFixture[bytes], rig: Rig) -> Run:
     """Run ``mailsh --home CLIENT ARGS...`` in-process: (exit status, stdout, stderr)."""
 
     def call(*args: str) -> tuple[int, bytes, bytes]:
-        capsysbinary.readouterr()
-        with pytest.raises(SystemExit) as exited:
-            main(["--home", str(rig.client.path), *args])
-        out, err = capsysbinary.readouterr()
-        code = exited.value.code
-        return (code if isinstance(code, int) else 0 if code is None else 1), out, err
+        return run_main(capsysbinary, ["--home", str(rig.client.path), *args])
 
     return call
 
@@ -106,13 +69,10 @@ def _send(run: Run, rig: Rig, url: str, *extra: str, command: str = "id") -> str
 # --------------------------------------------------------------------------- send
 
 
-def test_send_prints_only_the_request_id_and_records_it(
-    run: Run, rig: Rig, sink: tuple[Sink, str]
-) -> None:
-    box, url = sink
-    rid = _send(run, rig, url)
-    box.wait_for(1)
-    assert rid.encode() in box.messages[0][2]
+def test_send_prints_only_the_request_id_and_records_it(run: Run, rig: Rig, sink: Sink) -> None:
+    rid = _send(run, rig, sink.url)
+    sink.wait_for(1)
+    assert rid.encode() in sink.messages[0].data
     assert PendingStore(rig.client.path).load(rid).to == rig.server.email
 
 
@@ -122,86 +82,80 @@ def test_send_prints_only_the_request_id_and_records_it(
     ids=["exit-0", "exit-3", "sigkill-137"],
 )
 def test_wait_reply_exits_with_the_remote_status(
-    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path, fields: dict[str, int], status: int
+    run: Run, rig: Rig, sink: Sink, tmp_path: Path, fields: dict[str, int], status: int
 ) -> None:
-    box, url = sink
     mbox = tmp_path / "mbox"
-    auto_answer(rig, box, lambda mail: append_mbox(mbox, mail), stdout=b"remote out\n", **fields)
-    rid = _send(run, rig, url)
+    auto_answer(rig, sink, lambda mail: mbox_append(mbox, mail), stdout=b"remote out\n", **fields)
+    rid = _send(run, rig, sink.url)
     code, out, err = run("wait-reply", rid, "--mbox", str(mbox), "--timeout", "60")
     assert (code, out, err) == (status, b"remote out\n", b"")
 
 
 def test_stdout_and_stderr_are_separate_and_byte_exact(
-    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+    run: Run, rig: Rig, sink: Sink, tmp_path: Path
 ) -> None:
-    box, url = sink
     maildir = tmp_path / "Maildir"
     drop_maildir(maildir, b"Subject: hello\n\nnot for mailsh\n")
     stdout = bytes(range(256)) * 3 + b"\r\nno newline at end"
     stderr = b"\xff\xfe not utf-8 \x1b[31m\r\n\x00"
-    auto_answer(rig, box, lambda mail: drop_maildir(maildir, mail), stdout=stdout, stderr=stderr)
-    rid = _send(run, rig, url)
+    auto_answer(rig, sink, lambda mail: drop_maildir(maildir, mail), stdout=stdout, stderr=stderr)
+    rid = _send(run, rig, sink.url)
     code, out, err = run("wait-reply", rid, "--maildir", str(maildir), "--timeout", "60")
     assert (code, out, err) == (0, stdout, stderr)
 
 
 def test_send_wait_round_trip_picks_up_a_reply_arriving_while_waiting(
-    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+    run: Run, rig: Rig, sink: Sink, tmp_path: Path
 ) -> None:
-    box, url = sink
     mbox = tmp_path / "mbox"
     mbox.write_bytes(b"")
-    auto_answer(rig, box, lambda mail: append_mbox(mbox, mail), delay=1.0, stdout=b"Linux\n")
+    auto_answer(rig, sink, lambda mail: mbox_append(mbox, mail), delay=1.0, stdout=b"Linux\n")
     code, out, err = run(
-        "send", "--to", rig.server.email, "--smtp", url,
+        "send", "--to", rig.server.email, "--smtp", sink.url,
         "--wait", "--mbox", str(mbox), "--wait-timeout", "60", "--", "uname", "-s",
     )  # fmt: skip
     assert (code, out, err) == (0, b"Linux\n", b"")
-    assert open_as_server(rig, box.messages[0][2]).command == "uname -s"
+    assert open_as_server(rig, sink.messages[0].data).command == "uname -s"
 
 
 def test_remote_timeout_is_reported_with_the_server_status(
-    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+    run: Run, rig: Rig, sink: Sink, tmp_path: Path
 ) -> None:
-    box, url = sink
     mbox = tmp_path / "mbox"
     auto_answer(
-        rig, box, lambda mail: append_mbox(mbox, mail), signal=9, timed_out=True, stdout=b"part"
+        rig, sink, lambda mail: mbox_append(mbox, mail), signal=9, timed_out=True, stdout=b"part"
     )
-    rid = _send(run, rig, url, "--timeout", "1")
+    rid = _send(run, rig, sink.url, "--timeout", "1")
     code, out, err = run("wait-reply", rid, "--mbox", str(mbox), "--timeout", "60")
     assert (code, out) == (137, b"part")
     assert b"timed out and was killed by signal 9" in err
 
 
 def test_rejected_request_exits_255_with_the_reason(
-    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+    run: Run, rig: Rig, sink: Sink, tmp_path: Path
 ) -> None:
-    box, url = sink
     mbox = tmp_path / "mbox"
     auto_answer(
         rig,
-        box,
-        lambda mail: append_mbox(mbox, mail),
+        sink,
+        lambda mail: mbox_append(mbox, mail),
         status=ReplyStatus.REJECTED,
         reason="request-expired: too old",
     )
-    rid = _send(run, rig, url)
+    rid = _send(run, rig, sink.url)
     code, out, err = run("wait-reply", rid, "--mbox", str(mbox), "--timeout", "60")
     assert (code, out) == (255, b"")
     assert f"rejected request {rid}: request-expired: too old".encode() in err
 
 
 def test_json_prints_the_whole_reply_and_keeps_the_status(
-    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+    run: Run, rig: Rig, sink: Sink, tmp_path: Path
 ) -> None:
-    box, url = sink
     mbox = tmp_path / "mbox"
     auto_answer(
-        rig, box, lambda mail: append_mbox(mbox, mail), exit_code=3, stdout=b"\x00x", stderr=b"e"
+        rig, sink, lambda mail: mbox_append(mbox, mail), exit_code=3, stdout=b"\x00x", stderr=b"e"
     )
-    rid = _send(run, rig, url)
+    rid = _send(run, rig, sink.url)
     code, out, err = run("wait-reply", rid, "--mbox", str(mbox), "--timeout", "60", "--json")
     assert (code, err) == (3, b"")
     doc = json.loads(out)
@@ -212,12 +166,11 @@ def test_json_prints_the_whole_reply_and_keeps_the_status(
 
 
 def test_answered_request_can_be_printed_again(
-    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+    run: Run, rig: Rig, sink: Sink, tmp_path: Path
 ) -> None:
-    box, url = sink
     mbox = tmp_path / "mbox"
-    auto_answer(rig, box, lambda mail: append_mbox(mbox, mail), stdout=b"again")
-    rid = _send(run, rig, url)
+    auto_answer(rig, sink, lambda mail: mbox_append(mbox, mail), stdout=b"again")
+    rid = _send(run, rig, sink.url)
     first = run("wait-reply", rid, "--mbox", str(mbox), "--timeout", "60")
     assert first == (0, b"again", b"")
     assert run("wait-reply", rid, "--mbox", str(mbox), "--timeout", "5") == first
@@ -227,11 +180,10 @@ def test_answered_request_can_be_printed_again(
 
 
 def test_wait_timeout_exits_255_and_says_how_to_check_each_usual_cause(
-    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+    run: Run, rig: Rig, sink: Sink, tmp_path: Path
 ) -> None:
-    _, url = sink
     mbox = tmp_path / "mbox"
-    rid = _send(run, rig, url)
+    rid = _send(run, rig, sink.url)
     code, out, err = run("wait-reply", rid, "--mbox", str(mbox), "--timeout", "0.3")
     assert (code, out) == (255, b"")
     text = err.decode()
@@ -246,13 +198,12 @@ def test_wait_timeout_exits_255_and_says_how_to_check_each_usual_cause(
 
 
 def test_only_invalid_replies_are_named_at_the_timeout(
-    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path, mallory_signs: Home
+    run: Run, rig: Rig, sink: Sink, tmp_path: Path, mallory_signs: Home
 ) -> None:
-    box, url = sink
     mbox = tmp_path / "mbox"
-    auto_answer(rig, box, lambda mail: append_mbox(mbox, mail), signer=mallory_signs)
-    rid = _send(run, rig, url)
-    box.wait_for(1)
+    auto_answer(rig, sink, lambda mail: mbox_append(mbox, mail), signer=mallory_signs)
+    rid = _send(run, rig, sink.url)
+    sink.wait_for(1)
     deadline = time.monotonic() + 30
     while not mbox.exists() and time.monotonic() < deadline:  # the forged reply is there
         time.sleep(0.05)
@@ -275,38 +226,35 @@ def test_no_transport_configured(run: Run, rig: Rig) -> None:
     assert b"--smtp smtp://host:587 or --sendmail /usr/sbin/sendmail" in err
 
 
-def test_unknown_server_key(run: Run, sink: tuple[Sink, str]) -> None:
-    _, url = sink
-    code, _, err = run("send", "id", "--to", "who@unknown.test", "--smtp", url)
+def test_unknown_server_key(run: Run, sink: Sink) -> None:
+    code, _, err = run("send", "id", "--to", "who@unknown.test", "--smtp", sink.url)
     assert code == 255
     assert b"no trusted key for the server who@unknown.test" in err
     assert b"mailsh trust add SERVER.asc" in err
 
 
 def test_send_wait_refuses_an_unverifiable_reply_before_sending(
-    run: Run, sink: tuple[Sink, str], tmp_path: Path
+    run: Run, sink: Sink, tmp_path: Path
 ) -> None:
-    box, url = sink
     code, _, err = run(
-        "send", "id", "--to", "who@unknown.test", "--smtp", url, "--no-encrypt",
+        "send", "id", "--to", "who@unknown.test", "--smtp", sink.url, "--no-encrypt",
         "--wait", "--mbox", str(tmp_path / "mbox"),
     )  # fmt: skip
     assert code == 255
     assert b"could not be verified" in err
-    assert box.messages == []
+    assert sink.messages == []
 
 
 def test_connection_refused(run: Run, rig: Rig) -> None:
     code, _, err = run(
-        "send", "id", "--to", rig.server.email, "--smtp", f"smtp://127.0.0.1:{closed_port()}"
+        "send", "id", "--to", rig.server.email, "--smtp", f"smtp://127.0.0.1:{free_port()}"
     )
     assert code == 255
     assert b"refused" in err
 
 
-def test_missing_maildir(run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path) -> None:
-    _, url = sink
-    rid = _send(run, rig, url)
+def test_missing_maildir(run: Run, rig: Rig, sink: Sink, tmp_path: Path) -> None:
+    rid = _send(run, rig, sink.url)
     code, _, err = run("wait-reply", rid, "--maildir", str(tmp_path / "nope"))
     assert code == 255
     assert b"is not a Maildir" in err
@@ -321,17 +269,16 @@ def test_wait_options_without_wait_are_a_usage_error(run: Run, rig: Rig) -> None
 # --------------------------------------------------------------------------- subprocess
 
 
-def test_real_subprocess_round_trip(rig: Rig, sink: tuple[Sink, str], tmp_path: Path) -> None:
-    box, url = sink
+def test_real_subprocess_round_trip(rig: Rig, sink: Sink, tmp_path: Path) -> None:
     mbox = tmp_path / "mbox"
     auto_answer(
-        rig, box, lambda mail: append_mbox(mbox, mail), exit_code=7, stdout=b"o\n", stderr=b"e\n"
+        rig, sink, lambda mail: mbox_append(mbox, mail), exit_code=7, stdout=b"o\n", stderr=b"e\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSH_")}
     env["MAILSH_REPLY_MBOX"] = str(mbox)
     proc = subprocess.run(
         [sys.executable, "-m", "mailsh", "--home", str(rig.client.path),
-         "send", "echo o; echo e >&2; exit 7", "--to", rig.server.email, "--smtp", url,
+         "send", "echo o; echo e >&2; exit 7", "--to", rig.server.email, "--smtp", sink.url,
          "--wait", "--wait-timeout", "120"],
         env=env,
         capture_output=True,
@@ -339,18 +286,17 @@ def test_real_subprocess_round_trip(rig: Rig, sink: tuple[Sink, str], tmp_path: 
         check=False,
     )  # fmt: skip
     assert (proc.returncode, proc.stdout, proc.stderr) == (7, b"o\n", b"e\n")
-    assert box.messages[0][2].count(b"mailsh request") >= 1
+    assert sink.messages[0].data.count(b"mailsh request") >= 1
 
 
 def test_reply_mbox_from_the_environment_is_noted_at_send_time(
-    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    run: Run, rig: Rig, sink: Sink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Regression: MAILSH_REPLY_MBOX set for wait-reply must not break a plain send."""
-    _, url = sink
     mbox = tmp_path / "mbox"
-    append_mbox(mbox, b"Subject: old\n\nold mail\n")
+    mbox_append(mbox, b"Subject: old\n\nold mail\n")
     monkeypatch.setenv("MAILSH_REPLY_MBOX", str(mbox))
-    rid = _send(run, rig, url)
+    rid = _send(run, rig, sink.url)
     mark = PendingStore(rig.client.path).load(rid).mbox_mark
     assert mark is not None
     assert mark.offset == mbox.stat().st_size
@@ -360,16 +306,15 @@ def test_reply_mbox_from_the_environment_is_noted_at_send_time(
 
 
 def test_status_on_a_client_home_lists_the_requests_sent(
-    run: Run, rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+    run: Run, rig: Rig, sink: Sink, tmp_path: Path
 ) -> None:
     """A client home has no server state: status shows what was sent and what came back."""
-    box, url = sink
     mbox = tmp_path / "mbox"
-    auto_answer(rig, box, lambda mail: append_mbox(mbox, mail), stdout=b"ok")
-    answered = _send(run, rig, url, command="echo answered")
+    auto_answer(rig, sink, lambda mail: mbox_append(mbox, mail), stdout=b"ok")
+    answered = _send(run, rig, sink.url, command="echo answered")
     assert run("wait-reply", answered, "--mbox", str(mbox), "--timeout", "60")[0] == 0
-    box.on_message = None
-    waiting = _send(run, rig, url, command="echo " + "x" * 300)
+    sink.on_message = None
+    waiting = _send(run, rig, sink.url, command="echo " + "x" * 300)
 
     code, out, err = run("status", "--json")
     assert code == 0, err

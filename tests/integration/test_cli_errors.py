@@ -10,34 +10,18 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Home
-from tests.integration.serverkit import Sink, replies_for, request
-from tests.integration.test_cli_options import cli
-
-
-@pytest.fixture
-def scratch(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    for name in [n for n in os.environ if n.startswith("MAILSH_")]:
-        monkeypatch.delenv(name)
-    path = Path(tempfile.mkdtemp(prefix="mse.", dir="/tmp"))
-    monkeypatch.chdir(path)
-    yield path
-    subprocess.run(
-        ["gpgconf", "--homedir", str(path / "h" / "gnupg"), "--kill", "all"],
-        check=False,
-        capture_output=True,
-    )
-    shutil.rmtree(path, ignore_errors=True)
+from tests.kit.cli import cli
+from tests.kit.homes import Home
+from tests.kit.serverkit import replies_for, request
+from tests.kit.smtp import Sink
 
 
 def _one_failure(err: str) -> list[str]:

@@ -11,37 +11,17 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import typer
 
-from mailsh.cli import app, main
-from tests.conftest import Home
+from mailsh.cli import app
+from tests.kit.cli import cli
+from tests.kit.homes import Home
 
 FPR_LINE = re.compile(r"^[0-9A-F]{40}$")
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> Run:
-    """Run ``mailsh ARGV`` in-process; every outcome is a SystemExit with a code."""
-    capsys.readouterr()
-    try:
-        main(list(argv))
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    else:  # pragma: no cover - typer always exits in standalone mode
-        code = 0
-    out, err = capsys.readouterr()
-    return Run(code, out, err)
 
 
 def _kill_agents(home: Path) -> None:
@@ -63,10 +43,8 @@ def home() -> Iterator[Path]:
 
 
 @pytest.fixture
-def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_mailsh_env: None) -> Path:
     monkeypatch.chdir(tmp_path)
-    for name in [n for n in os.environ if n.startswith("MAILSH_")]:
-        monkeypatch.delenv(name)
     return tmp_path
 
 

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Optional
@@ -24,40 +23,8 @@ import typer
 import typer.main
 
 from mailsh.cli import app, main
-from tests.conftest import Home
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> Run:
-    """Run ``mailsh ARGV`` in-process; every outcome is a SystemExit with a code."""
-    capsys.readouterr()
-    try:
-        main(list(argv))
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    else:  # pragma: no cover - typer always exits in standalone mode
-        code = 0
-    out, err = capsys.readouterr()
-    return Run(code, out, err)
-
-
-@pytest.fixture
-def root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A short scratch directory (gpg-agent socket paths are limited), no MAILSH_* set."""
-    for name in [n for n in os.environ if n.startswith("MAILSH_")]:
-        monkeypatch.delenv(name)
-    path = Path(tempfile.mkdtemp(prefix="mso.", dir="/tmp"))
-    monkeypatch.chdir(path)
-    yield path
-    for gnupg in path.glob("*/gnupg"):  # the agents of the homes a test made keys in
-        subprocess.run(["gpgconf", "--homedir", str(gnupg), "--kill", "all"], check=False)
-    shutil.rmtree(path, ignore_errors=True)
+from tests.kit.cli import cli
+from tests.kit.homes import Home
 
 
 def _command_paths() -> tuple[list[list[str]], set[str]]:
@@ -132,47 +99,47 @@ def test_home_after_covers_every_command_that_uses_a_home() -> None:
 
 @pytest.mark.parametrize("name", sorted(HOME_AFTER))
 def test_home_after_the_subcommand_is_the_home_used(
-    capsys: pytest.CaptureFixture[str], root: Path, name: str
+    capsys: pytest.CaptureFixture[str], scratch: Path, name: str
 ) -> None:
-    home = root / "h"
+    home = scratch / "h"
     result = cli(capsys, *HOME_AFTER[name], "--home", str(home))
     assert "No such option" not in result.err, result.err
     assert (home / "gnupg").is_dir(), (result.code, result.err)
 
 
 def test_the_innermost_home_wins_over_the_outer_flag_and_the_environment(
-    capsys: pytest.CaptureFixture[str], root: Path, monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str], scratch: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("MAILSH_HOME", str(root / "env"))
+    monkeypatch.setenv("MAILSH_HOME", str(scratch / "env"))
     result = cli(
-        capsys, "--home", str(root / "outer"), "trust", "--home", str(root / "mid"), "list",
-        "--home", str(root / "inner"),
+        capsys, "--home", str(scratch / "outer"), "trust", "--home", str(scratch / "mid"), "list",
+        "--home", str(scratch / "inner"),
     )  # fmt: skip
     assert result.code == 0, result.err
-    assert (root / "inner").is_dir()
-    assert not any((root / name).exists() for name in ("env", "outer", "mid"))
+    assert (scratch / "inner").is_dir()
+    assert not any((scratch / name).exists() for name in ("env", "outer", "mid"))
 
     # Without a flag after the subcommand, the outer flag beats the environment...
-    assert cli(capsys, "--home", str(root / "outer"), "trust", "list").code == 0
-    assert (root / "outer").is_dir()
-    assert not (root / "env").exists()
+    assert cli(capsys, "--home", str(scratch / "outer"), "trust", "list").code == 0
+    assert (scratch / "outer").is_dir()
+    assert not (scratch / "env").exists()
     # ...and the environment applies when no flag is given.
     assert cli(capsys, "trust", "list").code == 0
-    assert (root / "env").is_dir()
+    assert (scratch / "env").is_dir()
 
 
 def test_debug_after_the_subcommand_shows_the_traceback(
-    capsys: pytest.CaptureFixture[str], root: Path
+    capsys: pytest.CaptureFixture[str], scratch: Path
 ) -> None:
-    plain = cli(capsys, "keys", "show", "--home", str(root / "h"))
+    plain = cli(capsys, "keys", "show", "--home", str(scratch / "h"))
     assert plain.code == 255
     assert "Traceback" not in plain.err
-    debug = cli(capsys, "keys", "show", "--home", str(root / "h"), "--debug")
+    debug = cli(capsys, "keys", "show", "--home", str(scratch / "h"), "--debug")
     assert debug.code == 255
     assert "Traceback" in debug.err
     assert "mailsh: this home has no identity yet" in debug.err
     # The next run without --debug is quiet again (no state leaks between runs).
-    assert "Traceback" not in cli(capsys, "keys", "show", "--home", str(root / "h")).err
+    assert "Traceback" not in cli(capsys, "keys", "show", "--home", str(scratch / "h")).err
 
 
 def test_version_after_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
@@ -376,16 +343,16 @@ complete_words mailsh wait-reply ID --wait-t
 """
 
 
-def test_install_completion_in_bash(capsys: pytest.CaptureFixture[str], root: Path) -> None:
+def test_install_completion_in_bash(capsys: pytest.CaptureFixture[str], scratch: Path) -> None:
     """Installed from a real bash, then used by one: the script completes commands and
     options (global ones after a subcommand too)."""
-    said = _bash("mailsh --install-completion", root)
+    said = _bash("mailsh --install-completion", scratch)
     assert said.startswith("bash completion installed in ")
-    installed = root / ".bash_completions" / "mailsh.sh"
-    assert f"source '{installed}'" in (root / ".bashrc").read_text()
+    installed = scratch / ".bash_completions" / "mailsh.sh"
+    assert f"source '{installed}'" in (scratch / ".bashrc").read_text()
     # --show-completion bash prints the same script, for installing by hand.
     assert cli(capsys, "--show-completion", "bash").out.strip() == installed.read_text().strip()
-    out = _bash("source ~/.bashrc" + COMPLETE, root)
+    out = _bash("source ~/.bashrc" + COMPLETE, scratch)
     assert out.splitlines() == ["trust", "--home", "--wait-timeout"]
 
 
@@ -451,11 +418,11 @@ def test_exit_code_footers_only_where_those_codes_apply(
 
 
 def test_keygen_name_default_is_described_as_it_is(
-    capsys: pytest.CaptureFixture[str], root: Path
+    capsys: pytest.CaptureFixture[str], scratch: Path
 ) -> None:
     out = " ".join(cli(capsys, "keygen", "--help").out.split())
     assert "--name NAME Name in the user id [the part of the address before the @]" in out
-    home = root / "h"
+    home = scratch / "h"
     made = cli(capsys, "keygen", "--email", "ann.lee@example.org", "--home", str(home))
     assert made.code == 0, made.err
     uids = cli(capsys, "keys", "show", "--home", str(home)).out

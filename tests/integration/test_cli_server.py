@@ -15,32 +15,22 @@ import pytest
 
 from mailsh.cli import main
 from mailsh.errors import ExitCode
-from tests.conftest import Home
-from tests.integration.serverkit import Sink, mbox_append, replies_for, request
-
-
-def _mailsh(
-    *args: str, home: Path, stdin: bytes = b"", **env: str
-) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "mailsh", "--home", str(home), *args],
-        input=stdin,
-        capture_output=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, **env},
-    )
+from tests.kit.cli import mailsh_process
+from tests.kit.homes import Home
+from tests.kit.mailbox import mbox_append
+from tests.kit.serverkit import replies_for, request
+from tests.kit.smtp import Sink
 
 
 def test_deliver_then_serve_once_then_status(
     alice: Home, srv: Home, sink: Sink, tmp_path: Path
 ) -> None:
     sealed = request(alice, srv, "echo piped")
-    delivered = _mailsh("deliver", home=srv.path, stdin=sealed.mail)
+    delivered = mailsh_process("deliver", home=srv.path, stdin=sealed.mail)
     assert delivered.returncode == 0, delivered.stderr
     assert len(list((srv.path / "spool" / "new").iterdir())) == 1
 
-    served = _mailsh(
+    served = mailsh_process(
         "serve", "--once", "--smtp", sink.url, "--workdir", str(tmp_path),
         "--mbox", str(tmp_path / "empty-mbox"), "--log-format", "json", home=srv.path,
     )  # fmt: skip
@@ -50,7 +40,7 @@ def test_deliver_then_serve_once_then_status(
     [reply] = replies_for(alice, srv, sealed, sink)
     assert reply.stdout == b"piped\n"
 
-    status = _mailsh("status", "--json", home=srv.path)
+    status = mailsh_process("status", "--json", home=srv.path)
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
     assert report["messages"]["replied"] == 1
@@ -61,13 +51,13 @@ def test_deliver_then_serve_once_then_status(
 def test_deliver_failure_is_tempfail_so_the_mta_retries(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
-    result = _mailsh("deliver", home=blocker / "home", stdin=b"Subject: x\r\n\r\nbody\r\n")
+    result = mailsh_process("deliver", home=blocker / "home", stdin=b"Subject: x\r\n\r\nbody\r\n")
     assert result.returncode == int(ExitCode.TEMPFAIL)
     assert b"mailsh:" in result.stderr
 
 
 def test_deliver_of_a_too_large_message_exits_73_so_the_mta_bounces_it(srv: Home) -> None:
-    result = _mailsh(
+    result = mailsh_process(
         "deliver", home=srv.path, stdin=b"Subject: x\r\n\r\n" + b"x" * 2000,
         MAILSH_MAX_MESSAGE_BYTES="1000",
     )  # fmt: skip
@@ -97,7 +87,9 @@ def test_mbox_serve_once_subprocess(alice: Home, srv: Home, sink: Sink, tmp_path
     mbox = tmp_path / "root"
     sealed = request(alice, srv, "exit 9")
     mbox_append(mbox, sealed.mail)
-    served = _mailsh("serve", "--once", "--mbox", str(mbox), "--smtp", sink.url, home=srv.path)
+    served = mailsh_process(
+        "serve", "--once", "--mbox", str(mbox), "--smtp", sink.url, home=srv.path
+    )
     assert served.returncode == 0, served.stderr
     [reply] = replies_for(alice, srv, sealed, sink)
     assert reply.exit_code == 9
@@ -113,7 +105,7 @@ def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def _status(home: Path) -> dict[str, Any]:
-    result = _mailsh("status", "--json", home=home)
+    result = mailsh_process("status", "--json", home=home)
     assert result.returncode == 0, result.stderr
     doc: dict[str, Any] = json.loads(result.stdout)
     return doc
@@ -142,7 +134,7 @@ def test_status_while_serving_shows_pid_unknown_key_and_decisions(
                 break
             time.sleep(0.1)
             report = _status(srv.path)
-        text = _mailsh("status", home=srv.path)
+        text = mailsh_process("status", home=srv.path)
     finally:
         serve.send_signal(signal.SIGTERM)
         _, log = serve.communicate(timeout=120)

@@ -11,8 +11,6 @@ import logging
 import os
 import secrets
 import smtplib
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,8 +23,11 @@ from mailsh.server.daemon import ServeOptions, Server
 from mailsh.server.diskspace import free_bytes
 from mailsh.server.spool import Spool
 from mailsh.server.state import StateDB
-from tests.conftest import Home
-from tests.integration.serverkit import Sink, mbox_append, replies_for, request, server_settings
+from tests.kit.cli import mailsh_process
+from tests.kit.homes import Home
+from tests.kit.mailbox import mbox_append
+from tests.kit.serverkit import listening_port, replies_for, request, server_settings
+from tests.kit.smtp import Sink
 
 
 def _above_free(path: Path) -> str:
@@ -34,17 +35,8 @@ def _above_free(path: Path) -> str:
     return str(free_bytes(path) + (1 << 40))
 
 
-def _mailsh(
-    *args: str, home: Path, stdin: bytes = b"", **env: str
-) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "mailsh", "--home", str(home), *args],
-        input=stdin, capture_output=True, timeout=120, check=False, env={**os.environ, **env},
-    )  # fmt: skip
-
-
 def test_deliver_below_the_floor_exits_75_and_stores_nothing(srv: Home) -> None:
-    full = _mailsh(
+    full = mailsh_process(
         "deliver", home=srv.path, stdin=b"Subject: x\r\n\r\nbody\r\n",
         MAILSH_MIN_FREE_SPACE=_above_free(srv.path),
     )  # fmt: skip
@@ -97,11 +89,8 @@ def test_serve_smtp_listener_answers_452_below_the_floor(
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 30
-        while server.smtp_port is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.smtp_port is not None
-        with smtplib.SMTP("127.0.0.1", server.smtp_port, timeout=10) as smtp:
+        port = listening_port(server)
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
             smtp.ehlo()
             code, text = smtp.mail("alice@example.org")
         assert (code, text[:5]) == (452, b"4.3.1")

@@ -36,19 +36,12 @@ from mailsh.keys.trust import add_trusted_key
 from mailsh.protocol import Notice, OriginalState, ReplyStatus
 from mailsh.server.daemon import ServeOptions, Server
 from mailsh.server.state import MessageState, StateDB
-from tests.attacks import forge
-from tests.attacks.malleate import reencode_eddsa_signature
-from tests.conftest import Home
-from tests.integration.serverkit import (
-    Sink,
-    mbox_append,
-    notices_for,
-    open_answer,
-    pair,
-    replies_for,
-    request,
-    server_settings,
-)
+from tests.kit import forge
+from tests.kit.homes import Home, pair
+from tests.kit.mailbox import mbox_append
+from tests.kit.malleate import reencode_eddsa_signature
+from tests.kit.serverkit import notices_for, open_answer, replies_for, request, server_settings
+from tests.kit.smtp import Sink, free_port
 
 MAILSH = [sys.executable, "-m", "mailsh"]
 
@@ -63,13 +56,6 @@ def carol(make_home: Callable[..., Home], srv: Home) -> Home:
     home = make_home("carol@example.org")
     pair(home, srv)
     return home
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def wait_until(check: Callable[[], object], timeout: float, what: str) -> None:

@@ -17,13 +17,11 @@ import pytest
 
 from mailsh.client.imap import ImapLoginError, ImapTarget, ImapWatcher, TlsMode
 from mailsh.errors import TransportError
-from tests.integration.mailrig import (
+from tests.kit.mailrig import (
     MailRig,
     MailUser,
     build_message,
-    cleanup_messages,  # noqa: F401 - pytest fixture
     contains,
-    mailrig,  # noqa: F401 - pytest fixture
     submit,
     unique_token,
     wait_for_message,
@@ -82,8 +80,8 @@ def wait_for_token(watcher: ImapWatcher, token: str, timeout: float = WAKE_TIMEO
     [("bob", TlsMode.STARTTLS), ("alice", TlsMode.IMPLICIT), ("bob", TlsMode.NONE)],
 )
 def test_idle_wakes_on_delivery_and_fetches_exact_bytes_once(
-    mailrig: MailRig,  # noqa: F811
-    cleanup_messages: Cleanup,  # noqa: F811
+    mailrig: MailRig,
+    cleanup_messages: Cleanup,
     who: str,
     tls: TlsMode,
 ) -> None:
@@ -104,8 +102,8 @@ def test_idle_wakes_on_delivery_and_fetches_exact_bytes_once(
 
 
 def test_since_uid_zero_returns_existing_messages(
-    mailrig: MailRig,  # noqa: F811
-    cleanup_messages: Cleanup,  # noqa: F811
+    mailrig: MailRig,
+    cleanup_messages: Cleanup,
 ) -> None:
     user = mailrig.bob
     token = unique_token()
@@ -120,8 +118,8 @@ def test_since_uid_zero_returns_existing_messages(
 
 
 def test_messages_stay_unseen_and_undeleted(
-    mailrig: MailRig,  # noqa: F811
-    cleanup_messages: Cleanup,  # noqa: F811
+    mailrig: MailRig,
+    cleanup_messages: Cleanup,
 ) -> None:
     user = mailrig.bob
     token = unique_token()
@@ -149,7 +147,7 @@ def test_messages_stay_unseen_and_undeleted(
 
 
 def test_wrong_password_is_a_transport_error_and_does_not_slow_later_logins(
-    mailrig: MailRig,  # noqa: F811
+    mailrig: MailRig,
 ) -> None:
     target = ImapTarget(mailrig.host, mailrig.imap_port, mailrig.bob.name)
     with pytest.raises(ImapLoginError) as caught:
@@ -164,7 +162,7 @@ def test_wrong_password_is_a_transport_error_and_does_not_slow_later_logins(
 
 
 def test_untrusted_certificate_is_a_transport_error_with_a_hint(
-    mailrig: MailRig,  # noqa: F811
+    mailrig: MailRig,
 ) -> None:
     target = ImapTarget(mailrig.host, mailrig.imap_port, mailrig.bob.name)
     with pytest.raises(TransportError) as caught:
@@ -173,7 +171,7 @@ def test_untrusted_certificate_is_a_transport_error_with_a_hint(
     assert "CA file" in (caught.value.hint or "")
 
 
-def test_connection_refused_is_a_transport_error(mailrig: MailRig) -> None:  # noqa: F811
+def test_connection_refused_is_a_transport_error(mailrig: MailRig) -> None:
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -213,8 +211,8 @@ def kill_server_side(watcher: ImapWatcher) -> None:
 
 
 def test_reconnects_after_the_server_process_dies_during_idle(
-    mailrig: MailRig,  # noqa: F811
-    cleanup_messages: Cleanup,  # noqa: F811
+    mailrig: MailRig,
+    cleanup_messages: Cleanup,
 ) -> None:
     user = mailrig.alice
     token = unique_token()
@@ -235,8 +233,8 @@ def test_reconnects_after_the_server_process_dies_during_idle(
 
 
 def test_reconnects_when_the_socket_dies_before_a_command(
-    mailrig: MailRig,  # noqa: F811
-    cleanup_messages: Cleanup,  # noqa: F811
+    mailrig: MailRig,
+    cleanup_messages: Cleanup,
 ) -> None:
     user = mailrig.bob
     token = unique_token()
@@ -252,7 +250,7 @@ def test_reconnects_when_the_socket_dies_before_a_command(
         assert len(found) == 1 and found[0].endswith(raw)
 
 
-def test_gives_up_after_bounded_reconnects(mailrig: MailRig) -> None:  # noqa: F811
+def test_gives_up_after_bounded_reconnects(mailrig: MailRig) -> None:
     with make_watcher(
         mailrig, mailrig.bob, TlsMode.STARTTLS, max_reconnects=2, backoff=0.05
     ) as watcher:
@@ -269,8 +267,8 @@ def test_gives_up_after_bounded_reconnects(mailrig: MailRig) -> None:  # noqa: F
 
 
 def test_noop_polling_when_idle_is_not_used(
-    mailrig: MailRig,  # noqa: F811
-    cleanup_messages: Cleanup,  # noqa: F811
+    mailrig: MailRig,
+    cleanup_messages: Cleanup,
 ) -> None:
     user = mailrig.bob
     token = unique_token()
@@ -287,7 +285,7 @@ def test_noop_polling_when_idle_is_not_used(
         assert time.monotonic() - started < 30
 
 
-def test_wait_times_out_without_mail(mailrig: MailRig) -> None:  # noqa: F811
+def test_wait_times_out_without_mail(mailrig: MailRig) -> None:
     # alice's mailbox only gets mail from tests that target her; a short quiet window.
     with make_watcher(mailrig, mailrig.alice, TlsMode.STARTTLS, since_uid=None) as watcher:
         watcher.fetch_new()

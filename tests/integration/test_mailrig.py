@@ -15,12 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.mailrig import (
+from tests.kit.mailrig import (
     MailRig,
     build_message,
-    cleanup_messages,  # noqa: F401 - pytest fixture
     contains,
-    mailrig,  # noqa: F401 - pytest fixture
     submit,
     unique_token,
     wait_for_message,
@@ -32,8 +30,8 @@ Cleanup = Callable[[Path, str], None]
 
 
 def test_submission_to_root_lands_in_var_mail_root(
-    mailrig: MailRig,  # noqa: F811
-    cleanup_messages: Cleanup,  # noqa: F811
+    mailrig: MailRig,
+    cleanup_messages: Cleanup,
 ) -> None:
     token = unique_token()
     cleanup_messages(mailrig.root_mbox, token)
@@ -48,8 +46,8 @@ def test_submission_to_root_lands_in_var_mail_root(
 
 
 def test_submission_to_bob_lands_in_maildir_new(
-    mailrig: MailRig,  # noqa: F811
-    cleanup_messages: Cleanup,  # noqa: F811
+    mailrig: MailRig,
+    cleanup_messages: Cleanup,
 ) -> None:
     token = unique_token()
     cleanup_messages(mailrig.bob_maildir, token)
@@ -66,7 +64,7 @@ def test_submission_to_bob_lands_in_maildir_new(
     assert b"\nFrom the rig, unquoted\n" in message
 
 
-def test_port_25_refuses_to_relay_to_an_outside_domain(mailrig: MailRig) -> None:  # noqa: F811
+def test_port_25_refuses_to_relay_to_an_outside_domain(mailrig: MailRig) -> None:
     raw = build_message(
         sender="someone@outside.example", to="victim@outside.example", subject="relay", body="x\n"
     )
@@ -80,7 +78,7 @@ def test_port_25_refuses_to_relay_to_an_outside_domain(mailrig: MailRig) -> None
     assert b"Relay access denied" in reply
 
 
-def test_submission_without_auth_is_refused(mailrig: MailRig) -> None:  # noqa: F811
+def test_submission_without_auth_is_refused(mailrig: MailRig) -> None:
     raw = build_message(
         sender=mailrig.alice.address, to=mailrig.bob.address, subject="no auth", body="x\n"
     )
@@ -90,7 +88,7 @@ def test_submission_without_auth_is_refused(mailrig: MailRig) -> None:  # noqa: 
             smtp.sendmail(mailrig.alice.address, [mailrig.bob.address], raw)
 
 
-def test_submission_offers_auth_only_after_starttls(mailrig: MailRig) -> None:  # noqa: F811
+def test_submission_offers_auth_only_after_starttls(mailrig: MailRig) -> None:
     with smtplib.SMTP(mailrig.host, mailrig.submission_port, timeout=30) as smtp:
         smtp.ehlo()
         assert not smtp.has_extn("auth")
@@ -98,8 +96,8 @@ def test_submission_offers_auth_only_after_starttls(mailrig: MailRig) -> None:  
 
 
 def test_alice_imap_login_sees_a_delivered_message(
-    mailrig: MailRig,  # noqa: F811
-    cleanup_messages: Cleanup,  # noqa: F811
+    mailrig: MailRig,
+    cleanup_messages: Cleanup,
 ) -> None:
     token = unique_token()
     cleanup_messages(mailrig.alice_mbox, token)
@@ -122,7 +120,7 @@ def test_alice_imap_login_sees_a_delivered_message(
         imap.logout()
 
 
-def test_imaps_port_speaks_tls_with_the_rig_certificate(mailrig: MailRig) -> None:  # noqa: F811
+def test_imaps_port_speaks_tls_with_the_rig_certificate(mailrig: MailRig) -> None:
     imap = imaplib.IMAP4_SSL(mailrig.host, mailrig.imaps_port, ssl_context=mailrig.ssl_context())
     try:
         imap.login(mailrig.bob.name, mailrig.bob.password)
@@ -132,8 +130,8 @@ def test_imaps_port_speaks_tls_with_the_rig_certificate(mailrig: MailRig) -> Non
 
 @pytest.mark.skipif(shutil.which("s-nail") is None, reason="s-nail not installed")
 def test_s_nail_submits_with_starttls_and_auth(
-    mailrig: MailRig,  # noqa: F811
-    cleanup_messages: Cleanup,  # noqa: F811
+    mailrig: MailRig,
+    cleanup_messages: Cleanup,
 ) -> None:
     token = unique_token()
     cleanup_messages(mailrig.bob_maildir, token)
@@ -166,8 +164,8 @@ def test_s_nail_submits_with_starttls_and_auth(
 
 @pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed")
 def test_swaks_submits_with_starttls_and_auth(
-    mailrig: MailRig,  # noqa: F811
-    cleanup_messages: Cleanup,  # noqa: F811
+    mailrig: MailRig,
+    cleanup_messages: Cleanup,
 ) -> None:
     token = unique_token()
     cleanup_messages(mailrig.bob_maildir, token)

@@ -44,22 +44,21 @@ from typing import Any
 
 import pytest
 
-from mailsh import protocol, seal
+from mailsh import seal
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.trust import add_trusted_key, load_trust
 from mailsh.protocol import Reply, ReplyStatus
-from tests.conftest import Home
-from tests.integration.mailrig import (
+from tests.kit.homes import Home
+from tests.kit.mailrig import (
     SCRIPT,
     MailRig,
-    cleanup_messages,  # noqa: F401 - pytest fixture
     contains,
-    mailrig,  # noqa: F401 - pytest fixture
     parse_env,
     submit,
     unique_token,
     wait_for_message,
 )
+from tests.kit.serverkit import request_to
 
 pytestmark = pytest.mark.mailrig
 
@@ -179,7 +178,7 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float = 30.0) -> An
 
 
 @pytest.fixture(scope="module")
-def rig_env(mailrig: MailRig) -> dict[str, str]:  # noqa: F811
+def rig_env(mailrig: MailRig) -> dict[str, str]:
     proc = subprocess.run(
         [str(SCRIPT), "env"], capture_output=True, text=True, check=True, timeout=30
     )
@@ -187,7 +186,7 @@ def rig_env(mailrig: MailRig) -> dict[str, str]:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def rig_alice(make_home: Callable[..., Home], mailrig: MailRig) -> Home:  # noqa: F811
+def rig_alice(make_home: Callable[..., Home], mailrig: MailRig) -> Home:
     """alice@mailsh.test: her key's address is her rig mailbox, so replies reach her."""
     return make_home(mailrig.alice.address)
 
@@ -315,23 +314,7 @@ def pipe_server(rig_env: dict[str, str], rig_alice: Home) -> Iterator[PipeServer
 
 
 def seal_for(client: Home, server: PipeServer, command: str) -> seal.SealedRequest:
-    now = datetime.now(UTC)
-    request = protocol.Request(
-        request_id=protocol.new_request_id(),
-        audience=protocol.Audience(address=server.address, fingerprint=server.fingerprint),
-        reply_to=client.email,
-        issued_at=now,
-        expires_at=now + timedelta(hours=1),
-        command=command,
-    )
-    return seal.seal_request(
-        client.gpg,
-        request,
-        signer=client.fingerprint,
-        recipient=server.fingerprint,
-        from_addr=client.email,
-        passphrase=None,
-    )
+    return request_to(client, server.address, server.fingerprint, command)
 
 
 def open_reply(client: Home, server_fpr: str, sealed: seal.SealedRequest, raw: bytes) -> Reply:
@@ -365,10 +348,10 @@ def test_postfix_permits_forward_commands_run_as_the_user(rig_env: dict[str, str
 
 
 def test_pipe_delivery_spools_runs_and_replies_readably(
-    mailrig: MailRig,  # noqa: F811
+    mailrig: MailRig,
     pipe_server: PipeServer,
     rig_alice: Home,
-    cleanup_messages: Cleanup,  # noqa: F811
+    cleanup_messages: Cleanup,
     tmp_path: Path,
 ) -> None:
     secret = unique_token()
@@ -426,10 +409,10 @@ def test_serve_needs_a_source_and_spool_only_stands_alone(tmp_path: Path) -> Non
 
 
 def test_deliver_failure_keeps_the_mail_deferred_until_fixed(
-    mailrig: MailRig,  # noqa: F811
+    mailrig: MailRig,
     pipe_server: PipeServer,
     rig_alice: Home,
-    cleanup_messages: Cleanup,  # noqa: F811
+    cleanup_messages: Cleanup,
 ) -> None:
     sealed = seal_for(rig_alice, pipe_server, "echo late but once")
     rid = sealed.request.request_id
@@ -504,7 +487,7 @@ def root_mbox_exclusive() -> Iterator[None]:
 def root_server(
     make_home: Callable[..., Home],
     rig_alice: Home,
-    mailrig: MailRig,  # noqa: F811
+    mailrig: MailRig,
     root_mbox_exclusive: None,
 ) -> Home:
     """A fresh server home for root@mailsh.test; alice's gpg knows its public key."""
@@ -586,10 +569,10 @@ def reply_to_mail(rig: MailRig, request: bytes, cleanup: Cleanup) -> bytes:
 
 
 def test_seed_client_runs_when_allowed_once_and_reply_reads_with_gpg(
-    mailrig: MailRig,  # noqa: F811
+    mailrig: MailRig,
     rig_alice: Home,
     root_server: Home,
-    cleanup_messages: Cleanup,  # noqa: F811
+    cleanup_messages: Cleanup,
     tmp_path: Path,
 ) -> None:
     checkout_mailsh(root_server, "trust", "add", str(rig_alice.pubkey), "--allow-plain-scripts")
@@ -640,10 +623,10 @@ def test_seed_client_runs_when_allowed_once_and_reply_reads_with_gpg(
 
 
 def test_seed_client_without_the_flag_is_refused_and_told_why(
-    mailrig: MailRig,  # noqa: F811
+    mailrig: MailRig,
     rig_alice: Home,
     root_server: Home,
-    cleanup_messages: Cleanup,  # noqa: F811
+    cleanup_messages: Cleanup,
     tmp_path: Path,
 ) -> None:
     checkout_mailsh(root_server, "trust", "add", str(rig_alice.pubkey))
@@ -666,10 +649,10 @@ def test_seed_client_without_the_flag_is_refused_and_told_why(
 
 
 def test_seed_client_quoted_printable_body_still_runs(
-    mailrig: MailRig,  # noqa: F811
+    mailrig: MailRig,
     rig_alice: Home,
     root_server: Home,
-    cleanup_messages: Cleanup,  # noqa: F811
+    cleanup_messages: Cleanup,
     tmp_path: Path,
 ) -> None:
     """A mail client encodes a non-ASCII note as quoted-printable: the uu lines' "=" too."""

@@ -17,8 +17,10 @@ from mailsh.client.wait import looks_like_reply
 from mailsh.protocol import ReplyStatus
 from mailsh.seal import SealedRequest
 from mailsh.server.daemon import ServeOptions, Server
-from tests.conftest import Home
-from tests.integration.serverkit import Sink, mbox_append, open_reply, request, server_settings
+from tests.kit.homes import Home
+from tests.kit.mailbox import mbox_append
+from tests.kit.serverkit import open_reply, request, server_settings
+from tests.kit.smtp import Sink
 
 _PER_MAIL_HEADERS = re.compile(rb"^(Date|Message-ID|In-Reply-To|References): .*\r\n", re.M | re.I)
 

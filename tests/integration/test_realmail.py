@@ -32,27 +32,24 @@ import pytest
 from pydantic import SecretStr
 
 from mailsh import seal
-from mailsh.cli import main
 from mailsh.client.pending import PendingRequest, PendingStore
 from mailsh.client.send import prepare_request, submit_request
 from mailsh.keys.trust import load_trust
 from mailsh.protocol import Reply, ReplyStatus
 from mailsh.settings import load_settings
-from tests.conftest import Home
-from tests.integration.mailrig import (
+from tests.kit.cli import run_main
+from tests.kit.homes import Home, pair
+from tests.kit.mailrig import (
     MailRig,
     MailUser,
-    cleanup_messages,  # noqa: F401 - pytest fixture
     contains,
-    mailrig,  # noqa: F401 - pytest fixture
     mbox_messages,
     read_mailbox,
     remove_messages,
     wait_for_message,
 )
-from tests.integration.serverkit import pair
 
-pytestmark = pytest.mark.mailrig
+pytestmark = [pytest.mark.mailrig, pytest.mark.usefixtures("no_mailsh_env")]
 
 MAILSH = [sys.executable, "-m", "mailsh"]
 SENDMAIL = Path("/usr/sbin/sendmail")
@@ -66,14 +63,6 @@ Cleanup = Callable[[Path, str], None]
 Run = Callable[..., tuple[int, bytes, bytes]]
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only what a test sets: never the developer's MAILSH_* (or ~/.local/share/mailsh)."""
-    for name in list(os.environ):
-        if name.startswith("MAILSH_"):
-            monkeypatch.delenv(name)
-
-
 @dataclass
 class Homes:
     """Fresh, cross-trusted homes: server root@mailsh.test, clients alice and bob."""
@@ -84,7 +73,7 @@ class Homes:
 
 
 @pytest.fixture
-def homes(make_home: Callable[..., Home], mailrig: MailRig) -> Homes:  # noqa: F811
+def homes(make_home: Callable[..., Home], mailrig: MailRig) -> Homes:
     server = make_home(mailrig.root_address, address=mailrig.root_address)
     alice = make_home(mailrig.alice.address)
     bob = make_home(mailrig.bob.address)
@@ -98,12 +87,7 @@ def run(capsysbinary: pytest.CaptureFixture[bytes]) -> Run:
     """``mailsh ARGS...`` in-process through the CLI's error funnel: (status, out, err)."""
 
     def call(*args: str) -> tuple[int, bytes, bytes]:
-        capsysbinary.readouterr()
-        with pytest.raises(SystemExit) as exited:
-            main(list(args))
-        out, err = capsysbinary.readouterr()
-        code = exited.value.code
-        return (code if isinstance(code, int) else 0 if code is None else 1), out, err
+        return run_main(capsysbinary, args)
 
     return call
 
@@ -273,11 +257,11 @@ def serving(
 
 @pytest.mark.parametrize("transport", ["sendmail", "smtp"])
 def test_once_round_trip_via_postfix_to_alices_mbox(
-    mailrig: MailRig,  # noqa: F811
+    mailrig: MailRig,
     homes: Homes,
     run: Run,
     monkeypatch: pytest.MonkeyPatch,
-    cleanup_messages: Cleanup,  # noqa: F811
+    cleanup_messages: Cleanup,
     tmp_path: Path,
     transport: str,
 ) -> None:
@@ -302,11 +286,11 @@ def test_once_round_trip_via_postfix_to_alices_mbox(
 
 
 def test_maildir_user_gets_the_reply_in_his_maildir(
-    mailrig: MailRig,  # noqa: F811
+    mailrig: MailRig,
     homes: Homes,
     run: Run,
     monkeypatch: pytest.MonkeyPatch,
-    cleanup_messages: Cleanup,  # noqa: F811
+    cleanup_messages: Cleanup,
     tmp_path: Path,
 ) -> None:
     rid = send(run, monkeypatch, mailrig, homes.bob, mailrig.bob, "printf bob; exit 3")
@@ -326,11 +310,11 @@ def test_maildir_user_gets_the_reply_in_his_maildir(
 
 @pytest.mark.timeout(3 * ROUND_TRIP_TIMEOUT + 120)
 def test_long_running_serve_answers_one_request_after_another(
-    mailrig: MailRig,  # noqa: F811
+    mailrig: MailRig,
     homes: Homes,
     run: Run,
     monkeypatch: pytest.MonkeyPatch,
-    cleanup_messages: Cleanup,  # noqa: F811
+    cleanup_messages: Cleanup,
     tmp_path: Path,
 ) -> None:
     """serve keeps reading /var/mail/root while Postfix appends; SIGTERM stops it with 0.
@@ -367,11 +351,11 @@ def test_long_running_serve_answers_one_request_after_another(
 
 
 def test_wait_reply_over_imap_is_woken_by_idle(
-    mailrig: MailRig,  # noqa: F811
+    mailrig: MailRig,
     homes: Homes,
     run: Run,
     monkeypatch: pytest.MonkeyPatch,
-    cleanup_messages: Cleanup,  # noqa: F811
+    cleanup_messages: Cleanup,
     tmp_path: Path,
 ) -> None:
     """wait-reply --imap (STARTTLS, rig CA) is waiting in IDLE before the reply exists."""
@@ -425,11 +409,11 @@ def _await_imap_login(
 
 
 def test_wait_reply_over_imap_finds_a_reply_that_arrived_before_it_started(
-    mailrig: MailRig,  # noqa: F811
+    mailrig: MailRig,
     homes: Homes,
     run: Run,
     monkeypatch: pytest.MonkeyPatch,
-    cleanup_messages: Cleanup,  # noqa: F811
+    cleanup_messages: Cleanup,
     tmp_path: Path,
 ) -> None:
     """The first IMAP scan starts before the request was sent (UID SEARCH SINCE)."""
@@ -457,11 +441,11 @@ def test_wait_reply_over_imap_finds_a_reply_that_arrived_before_it_started(
 
 
 def test_wait_reply_over_imap_without_or_with_a_wrong_password_says_what_to_do(
-    mailrig: MailRig,  # noqa: F811
+    mailrig: MailRig,
     homes: Homes,
     run: Run,
     monkeypatch: pytest.MonkeyPatch,
-    cleanup_messages: Cleanup,  # noqa: F811
+    cleanup_messages: Cleanup,
 ) -> None:
     rid = send(run, monkeypatch, mailrig, homes.alice, mailrig.alice, "true")
     cleanup_messages(mailrig.root_mbox, rid)
@@ -491,7 +475,7 @@ def test_wait_reply_over_imap_without_or_with_a_wrong_password_says_what_to_do(
 
 @pytest.mark.timeout(BURST_TIMEOUT + 300)  # the bound is BURST_TIMEOUT, not pytest's 300 s
 def test_burst_of_200_requests_through_postfix_each_run_once_each_answered(
-    mailrig: MailRig,  # noqa: F811
+    mailrig: MailRig,
     homes: Homes,
     tmp_path: Path,
 ) -> None:

@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.conftest import Home
-from tests.integration.serverkit import Sink
-
-
-def _mailsh(*args: str, home: Path) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "mailsh", "--home", str(home), *args],
-        capture_output=True,
-        timeout=120,
-        check=False,
-        env=dict(os.environ),
-    )
+from tests.kit.cli import mailsh_process
+from tests.kit.homes import Home
+from tests.kit.smtp import Sink
 
 
 def test_serve_refuses_a_symlinked_mbox_keeps_serving_and_status_shows_it(
@@ -30,7 +18,7 @@ def test_serve_refuses_a_symlinked_mbox_keeps_serving_and_status_shows_it(
     (tmp_path / "mail").mkdir()
     mbox = tmp_path / "mail" / "root"
     mbox.symlink_to(victim)
-    served = _mailsh(
+    served = mailsh_process(
         "serve", "--once", "--smtp", sink.url, "--workdir", str(tmp_path),
         "--mbox", str(mbox), "--log-format", "json", home=srv.path,
     )  # fmt: skip
@@ -39,7 +27,7 @@ def test_serve_refuses_a_symlinked_mbox_keeps_serving_and_status_shows_it(
     assert any(d["level"] == "error" and str(mbox) in d["message"] for d in logged), logged
     assert victim.read_bytes().endswith(b"secret\n\n")  # neither copied away nor truncated
 
-    status = _mailsh("status", "--json", home=srv.path)
+    status = mailsh_process("status", "--json", home=srv.path)
     assert status.returncode == 0, status.stderr
     [entry] = json.loads(status.stdout)["refused_mailboxes"]
     assert entry["mailbox"] == str(mbox)

@@ -22,17 +22,17 @@ import pytest
 from mailsh.protocol import OriginalState, ReplyStatus
 from mailsh.server.daemon import ServeOptions, Server
 from mailsh.server.state import MessageState, StateDB
-from tests.conftest import Home
-from tests.integration.serverkit import (
-    Sink,
-    mbox_append,
+from tests.kit.homes import Home, pair
+from tests.kit.mailbox import mbox_append
+from tests.kit.serverkit import (
+    listening_port,
     notices_for,
     open_reply,
-    pair,
     replies_for,
     request,
     server_settings,
 )
+from tests.kit.smtp import Sink
 
 
 def serve_once(home: Home, sink: Sink, tmp_path: Path, **options: object) -> Server:
@@ -197,12 +197,9 @@ def test_smtp_listener_intake_while_running(
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 30
-        while server.smtp_port is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert server.smtp_port is not None
+        port = listening_port(server)
         sealed = request(alice, srv, "echo via-smtp")
-        with smtplib.SMTP("127.0.0.1", server.smtp_port) as smtp:
+        with smtplib.SMTP("127.0.0.1", port) as smtp:
             smtp.sendmail("alice@example.org", ["root@server.test"], sealed.mail)
             with pytest.raises(smtplib.SMTPRecipientsRefused):
                 smtp.sendmail("alice@example.org", ["someone@else.test"], sealed.mail)

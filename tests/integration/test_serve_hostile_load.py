@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Home
-from tests.integration.serverkit import Sink, replies_for, request
+from tests.kit.cli import serve_argv
+from tests.kit.homes import Home
+from tests.kit.serverkit import replies_for, request
+from tests.kit.smtp import Sink, free_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -28,12 +30,6 @@ OPEN_FILES = 64
 """The serve's RLIMIT_NOFILE, soft and hard (so serve cannot raise it): low enough that
 the flood below exhausts it although the listener's session caps are the defaults."""
 BACKSTOP = 60.0
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _wait_for(predicate: object, what: str) -> None:
@@ -47,17 +43,7 @@ def _serve(
     srv: Home, sink: Sink, workdir: Path, port: int, log: Path, *prefix: str
 ) -> subprocess.Popen[bytes]:
     env = {**os.environ, "MAILSH_HOME": str(srv.path), "MAILSH_SMTP": sink.url}
-    cmd = [
-        *prefix,
-        sys.executable,
-        "-m",
-        "mailsh",
-        "serve",
-        "--smtp-listen",
-        f"127.0.0.1:{port}",
-        "--workdir",
-        str(workdir),
-    ]
+    cmd = [*prefix, *serve_argv(port, workdir)]
     with log.open("wb") as err:
         return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
 
@@ -75,7 +61,7 @@ def test_descriptor_exhaustion_is_survived_and_serving_resumes(
 ) -> None:
     prlimit = shutil.which("prlimit")
     assert prlimit is not None  # util-linux: serve itself refuses to start without it
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "serve.log"
     proc = _serve(
         srv, sink, tmp_path, port, log, prlimit, f"--nofile={OPEN_FILES}:{OPEN_FILES}", "--"
@@ -156,7 +142,8 @@ def test_run_as_commands_get_a_process_limit_and_lose_their_escapees(
     import tempfile
 
     from mailsh.server.daemon import ServeOptions, Server
-    from tests.integration.serverkit import mbox_append, server_settings
+    from tests.kit.mailbox import mbox_append
+    from tests.kit.serverkit import server_settings
 
     shared = Path(tempfile.mkdtemp(prefix="mailsh-nproc."))
     try:
@@ -209,7 +196,7 @@ def test_main_loop_backs_off_and_keeps_serving_through_os_errors(
 
     from mailsh.server.daemon import ServeOptions, Server
     from mailsh.server.spool import SpooledMessage
-    from tests.integration.serverkit import server_settings
+    from tests.kit.serverkit import server_settings
 
     server = Server(server_settings(srv, sink, workdir=tmp_path), ServeOptions(poll_interval=0.2))
     real_pending = server.spool.pending

@@ -21,8 +21,9 @@ import pytest
 from mailsh.protocol import ReplyStatus
 from mailsh.server.daemon import ServeOptions, Server
 from mailsh.server.state import StateDB
-from tests.conftest import Home
-from tests.integration.serverkit import Sink, replies_for, request, server_settings
+from tests.kit.homes import Home
+from tests.kit.serverkit import replies_for, request, server_settings
+from tests.kit.smtp import Sink
 
 N_REQUESTS = 500
 
@@ -117,7 +118,7 @@ def test_sigterm_lets_running_command_finish_within_grace(
     started = tmp_path / "started"
     mbox = tmp_path / "root.mbox"
     sealed = request(alice, srv, f"touch {started}; sleep 1; echo done")
-    from tests.integration.serverkit import mbox_append
+    from tests.kit.mailbox import mbox_append
 
     mbox_append(mbox, sealed.mail)
     proc = _serve(srv, sink, mbox, tmp_path, grace=30)
@@ -135,7 +136,7 @@ def test_sigterm_past_grace_reports_outcome_unknown(
     started = tmp_path / "started"
     mbox = tmp_path / "root.mbox"
     sealed = request(alice, srv, f"touch {started}; sleep 60")
-    from tests.integration.serverkit import mbox_append
+    from tests.kit.mailbox import mbox_append
 
     mbox_append(mbox, sealed.mail)
     proc = _serve(srv, sink, mbox, tmp_path, grace=0.5)

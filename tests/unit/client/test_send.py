@@ -1,28 +1,16 @@
 """mailsh.client.send and .pending against a real aiosmtpd server and real GnuPG homes.
 
-The helpers at the top (an SMTP sink on 127.0.0.1 port 0, a test "server" built from the
-library, mbox/Maildir delivery) are shared with test_wait.py and
-tests/integration/test_cli_client.py.
+The SMTP sink, the client rig (a test "server" built from the library) and the mailbox
+writers are in :mod:`tests.kit`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import io
-import os
-import socket
-import threading
-import time
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailsh.client.pending import (
     KEEP_RECORDS,
@@ -46,204 +34,23 @@ from mailsh.errors import (
     UsageError,
 )
 from mailsh.keys.gpg import Gpg
-from mailsh.keys.trust import add_trusted_key, load_trust
-from mailsh.mail.message import read_mail
 from mailsh.mail.smtp_url import SmtpOptions, parse_smtp_url
 from mailsh.mail.transport import Transport, transport_from_settings
-from mailsh.protocol import Reply, ReplyStatus
-from mailsh.seal import OpenPolicy, VerifiedRequest, open_request, seal_reply
-from mailsh.settings import Settings, ensure_home, load_settings
-from tests.conftest import Home
-
-MiB = 1024 * 1024
-
-# --------------------------------------------------------------------------- helpers
-
-
-@dataclass
-class Sink:
-    """aiosmtpd handler keeping every message; ``on_message`` may answer it."""
-
-    messages: list[tuple[str, list[str], bytes]] = field(default_factory=list)
-    on_message: Callable[[bytes], None] | None = None
-    arrived: threading.Condition = field(default_factory=threading.Condition)
-
-    async def handle_DATA(  # noqa: N802 - aiosmtpd hook
-        self, server: SMTP, session: Session, envelope: Envelope
-    ) -> str:
-        content = envelope.original_content
-        assert isinstance(content, bytes)
-        assert envelope.mail_from is not None
-        with self.arrived:
-            self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), content))
-            self.arrived.notify_all()
-        if self.on_message is not None:
-            callback = self.on_message
-            threading.Thread(target=callback, args=(content,), daemon=True).start()
-        return "250 OK"
-
-    def wait_for(self, count: int, timeout: float = 30) -> None:
-        with self.arrived:
-            assert self.arrived.wait_for(lambda: len(self.messages) >= count, timeout)
-
-
-class PortZeroController(Controller):
-    """aiosmtpd's Controller bound to port 0; ``port`` is the real port once started."""
-
-    def _create_server(self) -> Awaitable[asyncio.AbstractServer]:
-        create = super()._create_server()
-
-        async def bind() -> asyncio.AbstractServer:
-            server = await create
-            assert isinstance(server, asyncio.Server)
-            self.port = server.sockets[0].getsockname()[1]
-            return server
-
-        return bind()
-
-
-@contextlib.contextmanager
-def smtp_sink() -> Iterator[tuple[Sink, str]]:
-    """A real SMTP server on 127.0.0.1 (ephemeral port) and its smtp:// URL."""
-    sink = Sink()
-    controller = PortZeroController(sink, hostname="127.0.0.1", port=0, server_hostname="sink.test")
-    controller.start()
-    try:
-        yield sink, f"smtp://127.0.0.1:{controller.port}"
-    finally:
-        controller.stop()
-
-
-@dataclass
-class Rig:
-    """A client home that trusts ``server``, and a server trust store pinning the client."""
-
-    client: Home
-    server: Home
-    server_trust: Path
-
-    def settings(self, **changes: Any) -> Settings:
-        return self.client.settings.model_copy(update=changes)
-
-
-def make_rig(make_home: Callable[..., Home], server: Home, tmp: Path) -> Rig:
-    client = make_home("op@client.test")
-    add_trusted_key(client.gpg, client.settings.trust_file, server.pubkey, reply_to=None)
-    server_trust = tmp / "server-trust.json"
-    add_trusted_key(server.gpg, server_trust, client.pubkey, reply_to=None)
-    return Rig(client=client, server=server, server_trust=server_trust)
-
-
-def open_as_server(rig: Rig, raw: bytes, *, address: str | None = None) -> VerifiedRequest:
-    """What ``mailsh serve`` does first: verify the received request mail."""
-    policy = OpenPolicy(
-        addresses=(address or rig.server.email,),
-        fingerprint=rig.server.fingerprint,
-        max_skew=timedelta(minutes=5),
-        max_age=timedelta(days=1),
-        max_bytes=10 * MiB,
-    )
-    mail = read_mail(raw, max_bytes=policy.max_bytes)
-    return open_request(
-        rig.server.gpg, mail, policy, trust=load_trust(rig.server_trust), now=datetime.now(UTC)
-    )
-
-
-def answer(
-    rig: Rig,
-    raw: bytes,
-    *,
-    signer: Home | None = None,
-    request_id: str | None = None,
-    request_sha256: str | None = None,
-    **fields: Any,
-) -> bytes:
-    """A reply mail to the request mail ``raw``, built and sealed with the library.
-
-    ``fields`` go into the Reply (default: status ok, exit code 0); ``signer`` signs
-    instead of the server (its keyring must hold the client's key).
-    """
-    verified = open_as_server(rig, raw)
-    fields.setdefault("status", ReplyStatus.OK)
-    if fields["status"] is ReplyStatus.OK and "signal" not in fields:
-        fields.setdefault("exit_code", 0)
-    reply = Reply(
-        request_id=request_id or verified.request_id,
-        request_sha256=request_sha256 or verified.payload_sha256,
-        server=rig.server.email,
-        **fields,
-    )
-    by = signer or rig.server
-    return seal_reply(
-        by.gpg,
-        reply,
-        signer=by.fingerprint,
-        recipient=rig.client.fingerprint,
-        to_addr=rig.client.email,
-        in_reply_to=verified.message_id,
-        passphrase=None,
-    )
-
-
-def append_mbox(path: Path, raw: bytes) -> None:
-    """Deliver like Postfix local(8): From line, LF, >From quoting, blank line; one write."""
-    lines = raw.replace(b"\r\n", b"\n").split(b"\n")
-    body = b"\n".join(b">" + ln if ln.startswith(b"From ") else ln for ln in lines)
-    if not body.endswith(b"\n"):
-        body += b"\n"
-    stamp = time.strftime("%a %b %d %H:%M:%S %Y").encode()
-    with open(path, "ab") as fh:
-        fh.write(b"From mailsh@server.test " + stamp + b"\n" + body + b"\n")
-
-
-def drop_maildir(path: Path, raw: bytes) -> Path:
-    """Deliver into a Maildir: write in tmp/, rename into new/."""
-    for sub in ("tmp", "new", "cur"):
-        (path / sub).mkdir(parents=True, exist_ok=True)
-    name = f"{time.time_ns()}.{os.getpid()}.{threading.get_ident()}.test"
-    tmp = path / "tmp" / name
-    tmp.write_bytes(raw)
-    os.rename(tmp, path / "new" / name)
-    return path / "new" / name
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 where nothing listens (connection refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-# --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def rig(
-    make_home: Callable[..., Home], server: Home, tmp_path_factory: pytest.TempPathFactory
-) -> Rig:
-    return make_rig(make_home, server, tmp_path_factory.mktemp("rig"))
-
-
-@pytest.fixture
-def sink() -> Iterator[tuple[Sink, str]]:
-    with smtp_sink() as pair:
-        yield pair
-
+from mailsh.settings import ensure_home, load_settings
+from tests.kit.clientkit import Rig, open_as_server
+from tests.kit.mailbox import mbox_append
+from tests.kit.smtp import Sink, free_port
 
 # ------------------------------------------------------------- prepare_request + submit_request
 
 
-def test_send_submits_crlf_mail_the_server_can_open_and_records_it(
-    rig: Rig, sink: tuple[Sink, str]
-) -> None:
-    box, url = sink
-    settings = rig.settings(smtp=url)
+def test_send_submits_crlf_mail_the_server_can_open_and_records_it(rig: Rig, sink: Sink) -> None:
+    settings = rig.settings(smtp=sink.url)
     sent = submit_request(
         settings, prepare_request(settings, rig.client.gpg, command="echo hi", to=rig.server.email)
     )
-    box.wait_for(1)
-    mail_from, rcpts, raw = box.messages[0]
+    sink.wait_for(1)
+    mail_from, rcpts, raw, _ = sink.messages[0]
     assert (mail_from, rcpts) == (rig.client.email, [rig.server.email])
     assert b"\r\n" in raw
     assert b"\n" not in raw.replace(b"\r\n", b"")  # CRLF only, no bare LF
@@ -262,9 +69,8 @@ def test_send_submits_crlf_mail_the_server_can_open_and_records_it(
     assert path.stat().st_mode & 0o077 == 0
 
 
-def test_send_carries_stdin_timeout_and_window(rig: Rig, sink: tuple[Sink, str]) -> None:
-    box, url = sink
-    settings = rig.settings(smtp=url, request_lifetime=120)
+def test_send_carries_stdin_timeout_and_window(rig: Rig, sink: Sink) -> None:
+    settings = rig.settings(smtp=sink.url, request_lifetime=120)
     sent = submit_request(
         settings,
         prepare_request(
@@ -276,8 +82,8 @@ def test_send_carries_stdin_timeout_and_window(rig: Rig, sink: tuple[Sink, str])
             timeout=5,
         ),
     )
-    box.wait_for(1)
-    verified = open_as_server(rig, box.messages[0][2])
+    sink.wait_for(1)
+    verified = open_as_server(rig, sink.messages[0].data)
     assert verified.stdin == b"\x00\xff binary"
     assert verified.timeout == 5
     request = sent.sealed.request
@@ -285,11 +91,10 @@ def test_send_carries_stdin_timeout_and_window(rig: Rig, sink: tuple[Sink, str])
 
 
 def test_no_encrypt_to_unknown_server_warns_and_leaves_audience_unbound(
-    rig: Rig, sink: tuple[Sink, str]
+    rig: Rig, sink: Sink
 ) -> None:
-    box, url = sink
     warnings: list[str] = []
-    settings = rig.settings(smtp=url)
+    settings = rig.settings(smtp=sink.url)
     sent = submit_request(
         settings,
         prepare_request(
@@ -306,14 +111,13 @@ def test_no_encrypt_to_unknown_server_warns_and_leaves_audience_unbound(
     assert sent.sealed.request.audience.fingerprint is None
     assert any("NOT encrypted" in w for w in warnings)
     assert any("no reply can be verified" in w and "mailsh trust add" in w for w in warnings)
-    box.wait_for(1)
-    verified = open_as_server(rig, box.messages[0][2], address="other@server.test")
+    sink.wait_for(1)
+    verified = open_as_server(rig, sink.messages[0].data, address="other@server.test")
     assert not verified.encrypted
 
 
-def test_no_encrypt_to_trusted_server_still_binds_its_key(rig: Rig, sink: tuple[Sink, str]) -> None:
-    _, url = sink
-    settings = rig.settings(smtp=url)
+def test_no_encrypt_to_trusted_server_still_binds_its_key(rig: Rig, sink: Sink) -> None:
+    settings = rig.settings(smtp=sink.url)
     sent = submit_request(
         settings,
         prepare_request(settings, rig.client.gpg, command="id", to=rig.server.email, encrypt=False),
@@ -322,26 +126,20 @@ def test_no_encrypt_to_trusted_server_still_binds_its_key(rig: Rig, sink: tuple[
     assert sent.sealed.request.audience.fingerprint == rig.server.fingerprint
 
 
-def test_unknown_server_key_is_an_error_with_the_trust_hint(
-    rig: Rig, sink: tuple[Sink, str]
-) -> None:
-    box, url = sink
+def test_unknown_server_key_is_an_error_with_the_trust_hint(rig: Rig, sink: Sink) -> None:
     with pytest.raises(TrustError) as err:
-        settings = rig.settings(smtp=url)
+        settings = rig.settings(smtp=sink.url)
         submit_request(
             settings, prepare_request(settings, rig.client.gpg, command="id", to="x@unknown.test")
         )
     assert err.value.hint is not None
     assert "mailsh trust add" in err.value.hint
-    assert box.messages == []
+    assert sink.messages == []
 
 
-def test_wait_requires_the_server_key_even_without_encryption(
-    rig: Rig, sink: tuple[Sink, str]
-) -> None:
-    box, url = sink
+def test_wait_requires_the_server_key_even_without_encryption(rig: Rig, sink: Sink) -> None:
     with pytest.raises(TrustError, match="could not be verified"):
-        settings = rig.settings(smtp=url)
+        settings = rig.settings(smtp=sink.url)
         submit_request(
             settings,
             prepare_request(
@@ -353,7 +151,7 @@ def test_wait_requires_the_server_key_even_without_encryption(
                 require_server_key=True,
             ),
         )
-    assert box.messages == []
+    assert sink.messages == []
 
 
 def test_no_transport_configured(rig: Rig) -> None:
@@ -397,7 +195,7 @@ def test_no_identity_hints_keygen(tmp_path: Path) -> None:
 
 
 def test_refused_connection_removes_the_pending_record(rig: Rig) -> None:
-    settings = rig.settings(smtp=f"smtp://127.0.0.1:{closed_port()}")
+    settings = rig.settings(smtp=f"smtp://127.0.0.1:{free_port()}")
     before = {r.request_id for r in PendingStore(settings.home).all()}
     with pytest.raises(TransportError, match="refused"):
         submit_request(
@@ -427,9 +225,8 @@ def test_sendmail_transport_gets_lf_mail(rig: Rig, tmp_path: Path) -> None:
     ]
 
 
-def test_from_address_setting_wins_over_key_email(rig: Rig, sink: tuple[Sink, str]) -> None:
-    box, url = sink
-    settings = rig.settings(smtp=url, from_address="ops@client.test")
+def test_from_address_setting_wins_over_key_email(rig: Rig, sink: Sink) -> None:
+    settings = rig.settings(smtp=sink.url, from_address="ops@client.test")
     sent = submit_request(
         settings,
         prepare_request(
@@ -439,8 +236,8 @@ def test_from_address_setting_wins_over_key_email(rig: Rig, sink: tuple[Sink, st
             to=rig.server.email,
         ),
     )
-    box.wait_for(1)
-    assert box.messages[0][0] == "ops@client.test"
+    sink.wait_for(1)
+    assert sink.messages[0].mail_from == "ops@client.test"
     assert sent.sealed.request.reply_to == "ops@client.test"
 
 
@@ -502,7 +299,7 @@ def test_mbox_mark_only_at_a_message_boundary(tmp_path: Path) -> None:
     empty = mbox_mark(box)
     assert empty is not None
     assert empty.offset == 0
-    append_mbox(box, b"Subject: x\n\nhello\n")
+    mbox_append(box, b"Subject: x\n\nhello\n")
     mark = mbox_mark(box)
     assert mark is not None
     assert mark.offset == box.stat().st_size

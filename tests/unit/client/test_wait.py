@@ -8,7 +8,6 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -50,73 +49,45 @@ from mailsh.errors import (
 )
 from mailsh.keys.trust import TrustStore, load_trust
 from mailsh.protocol import Reply, ReplyStatus
-from tests.conftest import Home
-from tests.unit.client.test_send import (
-    Rig,
-    Sink,
-    answer,
-    append_mbox,
-    drop_maildir,
-    make_rig,
-    smtp_sink,
-)
+from tests.kit.clientkit import Rig, answer
+from tests.kit.homes import Home
+from tests.kit.mailbox import drop_maildir, mbox_append
+from tests.kit.smtp import Sink
 
 
-@pytest.fixture(scope="module")
-def rig(
-    make_home: Callable[..., Home], server: Home, tmp_path_factory: pytest.TempPathFactory
-) -> Rig:
-    return make_rig(make_home, server, tmp_path_factory.mktemp("rig"))
-
-
-@pytest.fixture(scope="module")
-def sink() -> Iterator[tuple[Sink, str]]:
-    with smtp_sink() as pair:
-        yield pair
-
-
-@pytest.fixture(scope="module")
-def mallory_signs(rig: Rig, mallory: Home) -> Home:
-    """Mallory, able to encrypt to the client (so only the signature can give her away)."""
-    mallory.gpg.raw.import_keys(rig.client.pubkey.read_text())
-    return mallory
-
-
-def _send(rig: Rig, sink: tuple[Sink, str], command: str = "id", **changes: object) -> bytes:
+def _send(rig: Rig, sink: Sink, command: str = "id", **changes: object) -> bytes:
     """Send a request; return the request mail the SMTP server received."""
-    box, url = sink
-    count = len(box.messages)
-    settings = rig.settings(smtp=url, **changes)
+    count = len(sink.messages)
+    settings = rig.settings(smtp=sink.url, **changes)
     sent = submit_request(
         settings, prepare_request(settings, rig.client.gpg, command=command, to=rig.server.email)
     )
-    box.wait_for(count + 1)
-    raw = box.messages[count][2]
+    sink.wait_for(count + 1)
+    raw = sink.messages[count].data
     assert sent.request_id.encode() in raw
     return raw
 
 
-def _sent(rig: Rig, sink: tuple[Sink, str], **changes: object) -> tuple[SentRequest, bytes]:
-    box, url = sink
-    count = len(box.messages)
-    settings = rig.settings(smtp=url, **changes)
+def _sent(rig: Rig, sink: Sink, **changes: object) -> tuple[SentRequest, bytes]:
+    count = len(sink.messages)
+    settings = rig.settings(smtp=sink.url, **changes)
     sent = submit_request(
         settings, prepare_request(settings, rig.client.gpg, command="id", to=rig.server.email)
     )
-    box.wait_for(count + 1)
-    return sent, box.messages[count][2]
+    sink.wait_for(count + 1)
+    return sent, sink.messages[count].data
 
 
 # --------------------------------------------------------------------------- round trips
 
 
 def test_reply_in_mbox_is_found_verified_and_marked_answered(
-    rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+    rig: Rig, sink: Sink, tmp_path: Path
 ) -> None:
     mbox = tmp_path / "mbox"
-    append_mbox(mbox, b"From: someone@else.test\nSubject: unrelated\n\nFrom me, hi\n")
+    mbox_append(mbox, b"From: someone@else.test\nSubject: unrelated\n\nFrom me, hi\n")
     sent, raw = _sent(rig, sink, reply_mbox=mbox)
-    append_mbox(mbox, answer(rig, raw, exit_code=3, stdout=b"out\n", stderr=b"err\n"))
+    mbox_append(mbox, answer(rig, raw, exit_code=3, stdout=b"out\n", stderr=b"err\n"))
     before = mbox.read_bytes()
     reply = await_reply(rig.settings(reply_mbox=mbox), rig.client.gpg, sent.pending, timeout=10)
     assert (reply.exit_code, reply.stdout, reply.stderr) == (3, b"out\n", b"err\n")
@@ -126,7 +97,7 @@ def test_reply_in_mbox_is_found_verified_and_marked_answered(
 
 
 def test_reply_in_maildir_is_found_and_mailbox_untouched(
-    rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+    rig: Rig, sink: Sink, tmp_path: Path
 ) -> None:
     maildir = tmp_path / "Maildir"
     drop_maildir(maildir, b"Subject: noise\n\nnot a reply\n")
@@ -140,13 +111,11 @@ def test_reply_in_maildir_is_found_and_mailbox_untouched(
     assert sorted(os.listdir(maildir / "cur")) == []
 
 
-def test_reply_arriving_while_waiting_is_picked_up(
-    rig: Rig, sink: tuple[Sink, str], tmp_path: Path
-) -> None:
+def test_reply_arriving_while_waiting_is_picked_up(rig: Rig, sink: Sink, tmp_path: Path) -> None:
     mbox = tmp_path / "mbox"
     sent, raw = _sent(rig, sink, reply_mbox=mbox)
     mail = answer(rig, raw, stdout=b"late")
-    timer = threading.Timer(0.5, append_mbox, args=(mbox, mail))
+    timer = threading.Timer(0.5, mbox_append, args=(mbox, mail))
     timer.start()
     try:
         reply = await_reply(rig.settings(reply_mbox=mbox), rig.client.gpg, sent.pending, timeout=60)
@@ -155,9 +124,7 @@ def test_reply_arriving_while_waiting_is_picked_up(
     assert reply.stdout == b"late"
 
 
-def test_reply_in_maildir_arriving_while_waiting(
-    rig: Rig, sink: tuple[Sink, str], tmp_path: Path
-) -> None:
+def test_reply_in_maildir_arriving_while_waiting(rig: Rig, sink: Sink, tmp_path: Path) -> None:
     maildir = tmp_path / "Maildir"
     drop_maildir(maildir, b"Subject: noise\n\nx\n")
     sent, raw = _sent(rig, sink)
@@ -183,27 +150,27 @@ def _flip_one_armor_byte(mail: bytes) -> bytes:
 
 
 def test_only_the_genuine_reply_is_accepted_among_forgeries(
-    rig: Rig, sink: tuple[Sink, str], tmp_path: Path, mallory_signs: Home
+    rig: Rig, sink: Sink, tmp_path: Path, mallory_signs: Home
 ) -> None:
     mbox = tmp_path / "mbox"
     sent, raw = _sent(rig, sink)
     other_raw = _send(rig, sink)
     genuine = answer(rig, raw, stdout=b"genuine")
-    append_mbox(mbox, answer(rig, raw, signer=mallory_signs, stdout=b"mallory"))
-    append_mbox(mbox, answer(rig, other_raw, stdout=b"other request"))
-    append_mbox(
+    mbox_append(mbox, answer(rig, raw, signer=mallory_signs, stdout=b"mallory"))
+    mbox_append(mbox, answer(rig, other_raw, stdout=b"other request"))
+    mbox_append(
         mbox,  # names our id but hashes another payload
         answer(rig, other_raw, request_id=sent.request_id, stdout=b"wrong hash"),
     )
-    append_mbox(mbox, _flip_one_armor_byte(genuine))
-    append_mbox(mbox, genuine)
+    mbox_append(mbox, _flip_one_armor_byte(genuine))
+    mbox_append(mbox, genuine)
     reply = await_reply(rig.settings(reply_mbox=mbox), rig.client.gpg, sent.pending, timeout=10)
     assert reply.stdout == b"genuine"
 
 
 @pytest.mark.parametrize("forgery", ["mallory", "other-request", "tampered"])
 def test_only_invalid_replies_time_out_and_say_so(
-    rig: Rig, sink: tuple[Sink, str], tmp_path: Path, mallory_signs: Home, forgery: str
+    rig: Rig, sink: Sink, tmp_path: Path, mallory_signs: Home, forgery: str
 ) -> None:
     mbox = tmp_path / "mbox"
     sent, raw = _sent(rig, sink)
@@ -213,7 +180,7 @@ def test_only_invalid_replies_time_out_and_say_so(
         mail = answer(rig, _send(rig, sink), request_id=sent.request_id)
     else:
         mail = _flip_one_armor_byte(answer(rig, raw))
-    append_mbox(mbox, mail)
+    mbox_append(mbox, mail)
     with pytest.raises(WaitTimeoutError) as err:
         await_reply(rig.settings(reply_mbox=mbox), rig.client.gpg, sent.pending, timeout=0.3)
     assert "only 1 invalid reply ignored" in err.value.message
@@ -222,10 +189,10 @@ def test_only_invalid_replies_time_out_and_say_so(
     assert PendingStore(rig.client.path).load(sent.request_id).answered_at is None
 
 
-def test_timeout_without_any_reply(rig: Rig, sink: tuple[Sink, str], tmp_path: Path) -> None:
+def test_timeout_without_any_reply(rig: Rig, sink: Sink, tmp_path: Path) -> None:
     sent, _ = _sent(rig, sink)
     mbox = tmp_path / "mbox"
-    append_mbox(mbox, b"Subject: unrelated\n\nhi\n")
+    mbox_append(mbox, b"Subject: unrelated\n\nhi\n")
     with pytest.raises(WaitTimeoutError) as err:
         await_reply(rig.settings(reply_mbox=mbox), rig.client.gpg, sent.pending, timeout=0.2)
     assert err.value.message == (
@@ -235,11 +202,11 @@ def test_timeout_without_any_reply(rig: Rig, sink: tuple[Sink, str], tmp_path: P
 
 
 def test_our_own_request_in_the_mailbox_is_not_counted_as_a_reply(
-    rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+    rig: Rig, sink: Sink, tmp_path: Path
 ) -> None:
     mbox = tmp_path / "mbox"
     sent, raw = _sent(rig, sink)
-    append_mbox(mbox, raw)  # e.g. a Bcc to ourselves
+    mbox_append(mbox, raw)  # e.g. a Bcc to ourselves
     with pytest.raises(WaitTimeoutError) as err:
         await_reply(rig.settings(reply_mbox=mbox), rig.client.gpg, sent.pending, timeout=0.2)
     assert "invalid" not in err.value.message
@@ -253,7 +220,7 @@ def test_looks_like_reply() -> None:
     assert not looks_like_reply(f"Subject: mailsh reply {'cd' * 16} [ok]\n\n".encode(), rid)
 
 
-def test_matcher_checks_each_message_once(rig: Rig, sink: tuple[Sink, str]) -> None:
+def test_matcher_checks_each_message_once(rig: Rig, sink: Sink) -> None:
     sent, raw = _sent(rig, sink)
     mail = answer(rig, raw)
     trust = load_trust(rig.client.settings.trust_file)
@@ -277,10 +244,10 @@ def test_matcher_checks_each_message_once(rig: Rig, sink: tuple[Sink, str]) -> N
 
 def test_mbox_start_uses_the_send_time_mark_only_while_valid(tmp_path: Path) -> None:
     mbox = tmp_path / "mbox"
-    append_mbox(mbox, b"Subject: a\n\nold\n")
+    mbox_append(mbox, b"Subject: a\n\nold\n")
     mark = mbox_mark(mbox)
     assert mark is not None
-    append_mbox(mbox, b"Subject: b\n\nnew\n")
+    mbox_append(mbox, b"Subject: b\n\nnew\n")
     assert mbox_start(mbox, mark) == mark.offset
     assert mbox_start(tmp_path / "elsewhere", mark) == 0
     # Rewritten in place (same inode) so that the bytes before the mark differ.
@@ -297,15 +264,15 @@ def test_mbox_start_uses_the_send_time_mark_only_while_valid(tmp_path: Path) -> 
 
 
 def test_send_notes_the_mbox_mark_and_the_scan_starts_there(
-    rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+    rig: Rig, sink: Sink, tmp_path: Path
 ) -> None:
     mbox = tmp_path / "mbox"
-    append_mbox(mbox, b"Subject: before\n\nold\n")
+    mbox_append(mbox, b"Subject: before\n\nold\n")
     size = mbox.stat().st_size
     sent, raw = _sent(rig, sink, reply_mbox=mbox)
     assert sent.pending.mbox_mark is not None
     assert sent.pending.mbox_mark.offset == size
-    append_mbox(mbox, answer(rig, raw, stdout=b"after mark"))
+    mbox_append(mbox, answer(rig, raw, stdout=b"after mark"))
     reply = await_reply(rig.settings(reply_mbox=mbox), rig.client.gpg, sent.pending, timeout=10)
     assert reply.stdout == b"after mark"
 
@@ -325,7 +292,7 @@ def test_maildir_files_older_than_the_request_are_not_read(tmp_path: Path) -> No
         source.close()
 
 
-def test_open_source_errors(rig: Rig, sink: tuple[Sink, str], tmp_path: Path) -> None:
+def test_open_source_errors(rig: Rig, sink: Sink, tmp_path: Path) -> None:
     sent, _ = _sent(rig, sink)
     settings = rig.settings()
     with pytest.raises(ConfigError, match="no mailbox") as err:
@@ -357,7 +324,7 @@ def test_open_source_errors(rig: Rig, sink: tuple[Sink, str], tmp_path: Path) ->
     assert warnings == [f"{tmp_path / 'later'} does not exist yet; waiting for it to be created"]
 
 
-def test_reply_fingerprint_needs_a_pinned_server_key(rig: Rig, sink: tuple[Sink, str]) -> None:
+def test_reply_fingerprint_needs_a_pinned_server_key(rig: Rig, sink: Sink) -> None:
     sent, _ = _sent(rig, sink)
     trust = load_trust(rig.client.settings.trust_file)
     assert reply_fingerprint(sent.pending, trust) == rig.server.fingerprint
@@ -427,9 +394,7 @@ def test_ignored_summary() -> None:
     assert ignored_summary(["a", "b", "a"]) == "3 invalid replies ignored (a, b)"
 
 
-def test_resumable_wait_names_the_request_and_how_to_go_on_waiting(
-    rig: Rig, sink: tuple[Sink, str]
-) -> None:
+def test_resumable_wait_names_the_request_and_how_to_go_on_waiting(rig: Rig, sink: Sink) -> None:
     sent, _ = _sent(rig, sink)
     rid = sent.request_id
     with pytest.raises(MailshError) as err, resumable_wait(sent.pending):
@@ -531,7 +496,7 @@ def test_imap_source_connects_scans_waits_and_closes() -> None:
 
 
 def test_open_source_imap_checks_url_and_ca_file_before_connecting(
-    rig: Rig, sink: tuple[Sink, str], tmp_path: Path
+    rig: Rig, sink: Sink, tmp_path: Path
 ) -> None:
     sent, _ = _sent(rig, sink)
     settings = rig.settings().model_copy(update={"imap_password": SecretStr("pw")})

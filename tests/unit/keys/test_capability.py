@@ -11,7 +11,7 @@ import pytest
 
 from mailsh.keys.capability import EncryptionCheck, can_encrypt_to
 from mailsh.keys.gpg import Gpg
-from tests.attacks import forge
+from tests.kit import forge
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from mailsh.keys.packets import (
     dearmor,
     top_level_tags,
 )
-from tests.attacks import forge
-from tests.conftest import Home
+from tests.kit import forge
+from tests.kit.homes import Home
 
 PAYLOAD = b'{"kind":"mailsh.request.v1"}'
 CAP = 1 << 20

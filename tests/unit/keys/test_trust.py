@@ -22,8 +22,8 @@ from mailsh.keys.trust import (
     load_trust,
     remove_trusted_key,
 )
-from tests.attacks import forge
-from tests.conftest import Home
+from tests.kit import forge
+from tests.kit.homes import Home
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """mailsh.keys.crypto.verify: the accepting check, one test per rejection rule.
 
 Two layers of tests. Real gpg: hostile messages forged with the gpg CLI (see
-tests/attacks/forge.py) must be rejected with the right reason. Synthetic gpg: verify()
+tests/kit/forge.py) must be rejected with the right reason. Synthetic gpg: verify()
 also re-reads python-gnupg's summary fields, so each of its checks is exercised alone
 by mutating one line or field of a genuine good transcript; commenting out any single
 check in verify() turns at least one test here red.
@@ -23,8 +23,8 @@ from mailsh.errors import GpgError, ProtocolError
 from mailsh.keys import crypto
 from mailsh.keys.crypto import VerifiedPayload, seal, verify
 from mailsh.keys.gpg import Gpg
-from tests.attacks import forge
-from tests.conftest import Home
+from tests.kit import forge
+from tests.kit.homes import Home
 
 PAYLOAD = b'{"kind":"test","bytes":"\\u0000"}'
 DAY = timedelta(days=1)

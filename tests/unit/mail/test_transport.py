@@ -3,17 +3,15 @@ on 127.0.0.1 and a real fake sendmail."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import ssl
 import subprocess
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from pydantic import SecretStr
 
@@ -24,6 +22,7 @@ from mailsh.mail.sendmail import send_sendmail
 from mailsh.mail.smtp import SmtpSession, send_smtp
 from mailsh.mail.smtp_url import SmtpOptions, SmtpTarget, parse_smtp_url
 from mailsh.mail.transport import is_temporary, to_crlf, to_lf
+from tests.kit.smtp import PortZeroController
 
 # A body with a line starting "From " (mboxo would quote it; send_message would mangle it)
 # and one starting with "." (dot-stuffing must round-trip).
@@ -72,21 +71,6 @@ class Recorder:
         self.envelopes.append((sender, list(envelope.rcpt_tos), content))
         self.peers.append(session.peer)
         return "250 OK"
-
-
-class PortZeroController(Controller):
-    """aiosmtpd's Controller bound to port 0; ``port`` is the real port once started."""
-
-    def _create_server(self) -> Awaitable[asyncio.AbstractServer]:
-        create = super()._create_server()
-
-        async def bind() -> asyncio.AbstractServer:
-            server = await create
-            assert isinstance(server, asyncio.Server)
-            self.port = server.sockets[0].getsockname()[1]
-            return server
-
-        return bind()
 
 
 @dataclass

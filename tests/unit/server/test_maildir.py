@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,8 @@ import pytest
 from mailsh.errors import TransportError
 from mailsh.mail.maildir import scan_maildir
 from mailsh.server.intake.maildir import MaildirIntake
-from mailsh.server.spool import Spool, SpooledMessage
+from mailsh.server.spool import Spool
+from tests.kit.serverkit import fail_second_put, spooled
 
 
 def make_maildir(path: Path) -> Path:
@@ -28,15 +28,6 @@ def deliver(maildir: Path, name: str, data: bytes) -> None:
     """Deliver like an MDA: write in tmp/, rename into new/."""
     (maildir / "tmp" / name).write_bytes(data)
     (maildir / "tmp" / name).rename(maildir / "new" / name)
-
-
-def spooled(spool: Spool) -> list[bytes]:
-    return [spool.read(m, 1 << 30) for m in spool.pending()]
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    return Spool(tmp_path / "spool")
 
 
 @pytest.fixture
@@ -67,17 +58,7 @@ def test_spool_failure_leaves_the_message_in_new(
 ) -> None:
     for i in range(3):
         deliver(maildir, f"m{i}", b"msg %d" % i)
-    real = Spool.put_stream
-    calls = 0
-
-    def flaky(self: Spool, chunks: Iterator[bytes], *, source: str) -> SpooledMessage:
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise TransportError("disk full")
-        return real(self, chunks, source=source)
-
-    monkeypatch.setattr(Spool, "put_stream", flaky)
+    fail_second_put(monkeypatch)
     with pytest.raises(TransportError):
         MaildirIntake(maildir, spool).collect()
     assert sorted(os.listdir(maildir / "new")) == ["m1", "m2"]

@@ -25,6 +25,7 @@ from mailsh.errors import TransportError
 from mailsh.mail.mbox import scan_mbox
 from mailsh.server.intake.mbox import MboxIntake
 from mailsh.server.spool import Spool, SpooledMessage
+from tests.kit.serverkit import fail_second_put, spooled
 
 SEP = b"From sender@example.org  Mon Jan  1 00:00:00 2024\n"
 
@@ -37,15 +38,6 @@ def message(n: int | str, body: bytes = b"hello\n") -> bytes:
 def mboxed(*messages: bytes) -> bytes:
     """What Postfix appends for each message: separator, message, blank line."""
     return b"".join(SEP + m + b"\n" for m in messages)
-
-
-def spooled(spool: Spool) -> list[bytes]:
-    return [spool.read(m, 1 << 30) for m in spool.pending()]
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    return Spool(tmp_path / "spool")
 
 
 @pytest.fixture
@@ -139,17 +131,7 @@ def test_spool_failure_midway_leaves_mbox_intact_then_duplicates(
     msgs = [message(i) for i in range(3)]
     mbox.write_bytes(mboxed(*msgs))
     before = mbox.read_bytes()
-    real = Spool.put_stream
-    calls = 0
-
-    def flaky(self: Spool, chunks: Iterator[bytes], *, source: str) -> SpooledMessage:
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise TransportError("disk full")
-        return real(self, chunks, source=source)
-
-    monkeypatch.setattr(Spool, "put_stream", flaky)
+    fail_second_put(monkeypatch)
     with pytest.raises(TransportError, match="disk full"):
         fast(mbox, spool).collect()
     assert mbox.read_bytes() == before

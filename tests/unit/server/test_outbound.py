@@ -2,47 +2,19 @@
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
-
-import pytest
-from aiosmtpd.controller import Controller
 
 from mailsh.server.outbound import ReplySender, send_mail_from_settings
 from mailsh.server.state import MailToQueue, StateDB
 from mailsh.settings import load_settings
+from tests.kit.smtp import Sink
 
 
-class _Recorder:
-    def __init__(self) -> None:
-        self.received: list[tuple[object, bytes]] = []  # (connection, message)
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
-        self.received.append((session.peer, bytes(envelope.original_content)))
-        return "250 OK"
-
-
-@pytest.fixture
-def smtp() -> Iterator[tuple[str, _Recorder]]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    recorder = _Recorder()
-    controller = Controller(recorder, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield f"smtp://127.0.0.1:{port}", recorder
-    controller.stop()
-
-
-def test_flush_sends_more_than_one_lease_of_replies(
-    tmp_path: Path, smtp: tuple[str, _Recorder]
-) -> None:
+def test_flush_sends_more_than_one_lease_of_replies(tmp_path: Path, sink: Sink) -> None:
     # 150 queued replies: more than one outbox.lease batch (100); found by ./dev bench,
     # where serve --once left 300 of 500 replies queued.
-    url, recorder = smtp
+    url = sink.url
     count = 150
     with StateDB(tmp_path / "state.db") as db:
         for i in range(count):
@@ -64,8 +36,8 @@ def test_flush_sends_more_than_one_lease_of_replies(
         worker = ReplySender(db, send_mail_from_settings(settings), settings)
         assert worker.flush() == count
         assert db.outbox.lease(datetime.now(UTC), lease=timedelta(minutes=5)) == []
-    assert sorted(data.split(b"\r\n")[0] for _, data in recorder.received) == sorted(
+    assert sorted(m.data.split(b"\r\n")[0] for m in sink.messages) == sorted(
         f"Subject: reply {i}".encode() for i in range(count)
     )
     # a burst shares one SMTP connection per lease of replies, not one per reply
-    assert len({peer for peer, _ in recorder.received}) == 2
+    assert len({m.peer for m in sink.messages}) == 2

@@ -36,11 +36,6 @@ def _listener(spool: Spool, **limits: float) -> SmtpListener:
     )
 
 
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    return Spool(tmp_path / "spool")
-
-
 def _connect(port: int, source: str = "127.0.0.1") -> socket.socket:
     sock = socket.create_connection(
         ("127.0.0.1", port), timeout=BACKSTOP, source_address=(source, 0)

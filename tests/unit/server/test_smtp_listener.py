@@ -6,7 +6,6 @@ import smtplib
 import socket
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -44,11 +43,6 @@ class FlakySpool:
             self.failures -= 1
             raise OSError(28, "No space left on device")
         return self.spool.put(data, source=source)
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    return Spool(tmp_path / "spool")
 
 
 @pytest.fixture

@@ -1,14 +1,12 @@
-"""The ``mailrig`` session fixture: a real Postfix + Dovecot on 127.0.0.1 (scripts/mailrig).
+"""The mail rig: a real Postfix + Dovecot on 127.0.0.1 (scripts/mailrig), and its helpers.
 
-Register it in a conftest with::
-
-    from tests.integration.mailrig import mailrig  # noqa: F401 - pytest fixture
-
-and mark tests that use it ``@pytest.mark.mailrig``. The fixture runs ``scripts/mailrig up``
-once per session (once per xdist worker; the script serialises concurrent runs) and returns
-a :class:`MailRig` with the facts printed by ``scripts/mailrig env``. When the machine
-cannot run the rig (not root, no apt-get, the script fails) the tests are skipped with the
-reason; set ``MAILSH_REQUIRE_MAILRIG=1`` (e.g. in CI) to make that a failure instead.
+Its fixtures, ``mailrig`` and ``cleanup_messages``, are registered in
+:mod:`tests.kit.fixtures`; mark tests that use them ``@pytest.mark.mailrig``. The
+``mailrig`` fixture runs ``scripts/mailrig up`` once per session (once per xdist worker;
+the script serialises concurrent runs) and returns a :class:`MailRig` with the facts
+printed by ``scripts/mailrig env``. When the machine cannot run the rig (not root, no
+apt-get, the script fails) the tests are skipped with the reason; set
+``MAILSH_REQUIRE_MAILRIG=1`` (e.g. in CI) to make that a failure instead.
 
 Helpers: :func:`build_message` (CRLF bytes), :func:`submit` (587, STARTTLS + AUTH),
 :func:`wait_for_message` (mbox or Maildir, bounded), :func:`remove_messages` (cleanup).
@@ -26,7 +24,7 @@ import ssl
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -152,12 +150,6 @@ def start_rig() -> MailRig:
         [str(SCRIPT), "env"], capture_output=True, text=True, check=True, timeout=30
     )
     return rig_from_env(parse_env(env.stdout))
-
-
-@pytest.fixture(scope="session")
-def mailrig() -> MailRig:
-    """The running rig (session-scoped). Tests using it carry ``@pytest.mark.mailrig``."""
-    return start_rig()
 
 
 # --------------------------------------------------------------------------- sending
@@ -376,16 +368,3 @@ class _mbox_locked:  # noqa: N801 - used like a function-style context manager
             os.close(self.fd)  # drops the fcntl lock
             self.fd = -1
         self.lock_path.unlink(missing_ok=True)
-
-
-@pytest.fixture
-def cleanup_messages(mailrig: MailRig) -> Iterator[Callable[[Path, str], None]]:
-    """Register (mailbox, token) pairs; matching messages are removed after the test."""
-    registered: list[tuple[Path, str]] = []
-
-    def register(location: Path, token: str) -> None:
-        registered.append((location, token))
-
-    yield register
-    for location, token in registered:
-        remove_messages(location, contains(token))

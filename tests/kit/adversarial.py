@@ -12,6 +12,8 @@ half a second each. A sample of the corpus also goes through the real process
 A test feeds hostile mail and, right behind it through the same intake, one valid
 request; waits until the server has taken every message the intake accepted to a final
 state and sent every reply it queued; then checks what ran and what was mailed.
+
+The ``kit`` and ``rig`` fixtures of tests/adversarial (its conftest) make them.
 """
 
 from __future__ import annotations
@@ -25,15 +27,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import count
 from pathlib import Path
 
 from mailsh.seal import SealedRequest
 from mailsh.server.daemon import ServeOptions, Server
 from mailsh.server.state import MessageState, StateDB
 from mailsh.settings import load_settings
-from tests.conftest import Home
-from tests.integration.serverkit import Sink, request
+from tests.kit.homes import Home
+from tests.kit.mailbox import drop_maildir, to_mbox
+from tests.kit.serverkit import request
+from tests.kit.smtp import Sink
 
 INTAKES = ("mbox", "maildir", "smtp", "deliver")
 MiB = 1 << 20
@@ -119,15 +122,6 @@ class Kit:
         return self.sealed(command, by=by).mail
 
 
-def to_mbox(mail: bytes) -> bytes:
-    """One mboxo entry as Postfix local(8) writes it (``From `` quoted, blank line after)."""
-    lines = mail.replace(b"\r\n", b"\n").split(b"\n")
-    body = b"\n".join(b">" + ln if ln.startswith(b"From ") else ln for ln in lines)
-    if not body.endswith(b"\n"):
-        body += b"\n"
-    return b"From alice@example.org Wed Nov 25 00:00:00 2026\n" + body + b"\n"
-
-
 class Rig:
     """A running server with every intake, and the sink its replies go to."""
 
@@ -149,7 +143,6 @@ class Rig:
         self.maildir = root / "Maildir"
         for sub in ("tmp", "new", "cur"):
             (self.maildir / sub).mkdir(parents=True)
-        self._names = count()
         home = kit.server.settings.home
         (home / "mailsh.toml").write_text(
             "".join(f"{k} = {v!r}\n" for k, v in RIG_SETTINGS.items()), encoding="utf-8"
@@ -221,9 +214,7 @@ class Rig:
 
     def _feed_maildir(self, mails: list[bytes], mail_from: str) -> int:
         for mail in mails:  # as an MDA does: write in tmp/, then rename into new/
-            name = f"{time.time_ns()}.adv{next(self._names)}.rig"
-            (self.maildir / "tmp" / name).write_bytes(mail)
-            os.rename(self.maildir / "tmp" / name, self.maildir / "new" / name)
+            drop_maildir(self.maildir, mail)
         return len(mails)
 
     def _feed_smtp(self, mails: list[bytes], mail_from: str) -> int:

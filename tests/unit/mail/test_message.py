@@ -11,7 +11,7 @@ import pytest
 
 from mailsh.errors import ProtocolError
 from mailsh.mail.message import build_reply_mail, build_request_mail, read_mail
-from tests.attacks.forge import mail_with_body
+from tests.kit.forge import mail_with_body
 
 BODY = b"line one\r\nbegin 600 request.asc\r\n`\r\nend\r\n"
 LIMIT = 1 << 20
