@@ -97,6 +97,15 @@ class Settings(BaseSettings):
     # -- mail in (client replies) ---------------------------------------------------------
     imap_password: SecretStr | None = None
     imap_ca_file: Path | None = None
+    imap_timeout: float = Field(
+        default=30.0, gt=0, description="seconds an IMAP connect or command may take"
+    )
+    imap_poll_interval: float = Field(
+        default=5.0, gt=0, description="seconds between NOOP polls on servers without IDLE"
+    )
+    imap_max_reconnects: int = Field(
+        default=5, ge=0, description="IMAP reconnects in a row before wait-reply gives up"
+    )
     reply_mbox: Path | None = Field(default=None, description="mbox the replies arrive in")
     reply_maildir: Path | None = Field(default=None, description="Maildir the replies arrive in")
     reply_imap: str | None = Field(
@@ -131,10 +140,18 @@ class Settings(BaseSettings):
         ge=0,
         description="seconds between SIGTERM and SIGKILL when a command is stopped",
     )
+    shutdown_grace: float = Field(
+        default=30.0,
+        ge=0,
+        description="seconds running commands may finish after serve is told to stop",
+    )
     max_output_bytes: int = Field(default=1 * MiB, gt=0, description="per stream")
     workers: int = Field(default=1, ge=1, le=64)
     claim_sweep_interval: float = Field(
         default=30.0, gt=0, description="seconds between looks for claims of dead serve processes"
+    )
+    poll_interval: float = Field(
+        default=2.0, gt=0, description="seconds between mailbox checks when inotify is absent"
     )
     run_as: str | None = None
     max_processes: int | None = Field(

@@ -225,6 +225,9 @@ def open_imap(settings: Settings, url: str, *, not_before: datetime | None = Non
         settings.imap_password.get_secret_value(),
         ca_file=ca_file,
         since_uid=None if not_before is not None else 0,
+        timeout=settings.imap_timeout,
+        poll_interval=settings.imap_poll_interval,
+        max_reconnects=settings.imap_max_reconnects,
         max_message_bytes=settings.max_reply_bytes,
     )
     since = None if not_before is None else (not_before - IMAP_SINCE_SLACK).astimezone(UTC).date()
