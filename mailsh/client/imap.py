@@ -17,8 +17,8 @@ import contextlib
 import imaplib
 import re
 import time
-import types
 from pathlib import Path
+from typing import Self
 
 from mailsh.client.imap_conn import (
     CONNECTION_ERRORS,
@@ -35,6 +35,7 @@ from mailsh.client.imap_conn import (
 )
 from mailsh.client.imap_url import ImapTarget, TlsMode, parse_imap_url
 from mailsh.errors import TransportError
+from mailsh.resources import Closing
 
 IDLE_RENEW_SECONDS = 25 * 60
 """Re-issue IDLE before servers drop it. A protocol constant, not a setting: RFC 2177 lets
@@ -57,7 +58,7 @@ __all__ = [
 ]
 
 
-class ImapWatcher:
+class ImapWatcher(Closing):
     """Watch one mailbox for new messages, read-only.
 
     ``since_uid`` chooses where the first :meth:`fetch_new` starts: an int returns the
@@ -115,17 +116,9 @@ class ImapWatcher:
 
     # ------------------------------------------------------------------ connection
 
-    def __enter__(self) -> ImapWatcher:
+    def __enter__(self) -> Self:
         self.connect()
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: types.TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def idle_supported(self) -> bool:
