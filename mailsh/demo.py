@@ -31,11 +31,12 @@ from pathlib import Path
 
 from mailsh.client.sources import open_source
 from mailsh.errors import MailshError
+from mailsh.home import ensure_home
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.identity import export_public, generate
 from mailsh.keys.trust import add_trusted_key
 from mailsh.protocol import Reply
-from mailsh.settings import CONFIG_FILE_NAME, Settings, ensure_home, load_settings
+from mailsh.settings import CONFIG_FILE_NAME, Settings, load_settings
 
 CLIENT_ADDRESS = "operator@client.mailsh.test"
 SERVER_ADDRESS = "root@server.mailsh.test"

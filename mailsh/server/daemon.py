@@ -25,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 
 from mailsh.errors import ConfigError, DependencyError
+from mailsh.home import check_serve_home
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.identity import require_identity
 from mailsh.mail.watch import Watcher
@@ -39,7 +40,7 @@ from mailsh.server.processor import Processor, ServerIdentity
 from mailsh.server.retention import Pruner
 from mailsh.server.spool import Spool
 from mailsh.server.state import StateDB
-from mailsh.settings import Settings, check_serve_home
+from mailsh.settings import Settings
 
 log = logging.getLogger("mailsh.server")
 
