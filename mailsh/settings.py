@@ -92,6 +92,12 @@ class Settings(BaseSettings):
     smtp_password: SecretStr | None = None
     smtp_ca_file: Path | None = None
     require_tls: bool = False
+    smtp_timeout: float = Field(
+        default=30.0, gt=0, description="seconds per SMTP network operation when sending"
+    )
+    sendmail_timeout: float = Field(
+        default=60.0, gt=0, description="seconds the sendmail program may take per mail"
+    )
     from_address: str | None = Field(default=None, description="envelope/header From address")
 
     # -- mail in (client replies) ---------------------------------------------------------
