@@ -30,6 +30,10 @@ RECENT_DECISIONS = 10
 """How many of the latest final decisions the ``recent`` section lists."""
 SENT_REQUESTS = 20
 """How many of the latest sent requests the ``sent`` section lists."""
+PROBLEM_REASONS = 20
+"""How many (state, reason) pairs the ``problems`` section lists, latest first."""
+LAST_ERRORS = 5
+"""How many of the latest errors the ``last_errors`` section lists."""
 
 JsonValue = Any
 
@@ -256,7 +260,7 @@ def problems_section(ctx: StatusContext) -> Section | None:
         return None
     data = [
         {"state": c.state.value, "reason": c.reason, "count": c.count, "last_at": _when(c.last_at)}
-        for c in ctx.state.report.problem_counts()
+        for c in ctx.state.report.problem_counts(PROBLEM_REASONS)
     ]
     return Section(
         "problems",
@@ -273,7 +277,7 @@ def errors_section(ctx: StatusContext) -> Section | None:
         return None
     data = [
         {"at": _when(e.at), "kind": e.kind, "ref": e.ref, "error": e.error}
-        for e in ctx.state.report.last_errors()
+        for e in ctx.state.report.last_errors(LAST_ERRORS)
     ]
     return Section(
         "last_errors",
