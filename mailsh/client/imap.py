@@ -38,8 +38,8 @@ from mailsh.errors import TransportError
 from mailsh.resources import Closing
 
 IDLE_RENEW_SECONDS = 25 * 60
-"""Re-issue IDLE before servers drop it. A protocol constant, not a setting: RFC 2177 lets
-a server end an IDLE after 29 minutes, so any value must stay below that."""
+"""Re-issue IDLE before servers drop it. A protocol constant, not a setting: RFC 2177
+asks clients to re-issue IDLE at least every 29 minutes, so any value must stay below."""
 RECONNECT_BACKOFF = 0.5
 """Seconds before the first reconnect, doubled for each further one in a row."""
 RECONNECT_BACKOFF_MAX = 30.0
