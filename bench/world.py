@@ -26,11 +26,12 @@ from aiosmtpd.controller import Controller
 
 from bench.core import wait_until
 from mailsh import protocol, seal
+from mailsh.home import ensure_home
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.identity import Algo, export_public, generate
 from mailsh.keys.trust import TrustStore, add_trusted_key
 from mailsh.mail.message import read_mail
-from mailsh.settings import Settings, ensure_home, load_settings
+from mailsh.settings import Settings, load_settings
 
 CLIENT = "operator@client.bench.test"
 SERVER = "root@server.bench.test"

@@ -31,11 +31,12 @@ from pathlib import Path
 
 from mailsh.client.sources import open_source
 from mailsh.errors import MailshError
+from mailsh.home import ensure_home
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.identity import export_public, generate
 from mailsh.keys.trust import add_trusted_key
 from mailsh.protocol import Reply
-from mailsh.settings import CONFIG_FILE_NAME, Settings, ensure_home, load_settings
+from mailsh.settings import CONFIG_FILE_NAME, Settings, load_settings
 
 CLIENT_ADDRESS = "operator@client.mailsh.test"
 SERVER_ADDRESS = "root@server.mailsh.test"
@@ -43,6 +44,11 @@ SERVER_ADDRESS = "root@server.mailsh.test"
 
 KEEP_KEY_LIFETIME = "90d"
 """Expiry of the keys of a kept playground (a throwaway demo's keys last a day)."""
+WAIT_TIMEOUT = 120.0
+"""Seconds the demo waits for its reply (``mailsh demo --wait-timeout``, same default)."""
+SERVER_WAIT = 30.0
+"""Seconds the demo waits for its embedded server to start, and to stop. Not a setting:
+the demo's homes are throwaway and its server is local."""
 _MAX_SOCKET_PATH = 100
 """gpg-agent's socket lives in the GnuPG home; a Unix socket path has under 108 bytes."""
 
@@ -133,10 +139,10 @@ def _start_server(stack: ExitStack, side: _Side, reply_port: int, workdir: Path)
 
     def stop_server() -> None:
         server.request_stop()
-        thread.join(30)
+        thread.join(SERVER_WAIT)
 
     stack.callback(stop_server)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + SERVER_WAIT
     while server.smtp_port is None:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise MailshError("the demo server did not start", hint="run with --debug")
@@ -233,7 +239,7 @@ def run_demo(
     command: str,
     *,
     keep: Path | None = None,
-    timeout: float = 120.0,
+    timeout: float = WAIT_TIMEOUT,
     progress: Callable[[str], None] = lambda _: None,
 ) -> DemoResult:
     """Run ``command`` through a real mailsh round trip; return the verified reply.

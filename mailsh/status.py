@@ -12,13 +12,13 @@ docs/server.md ("mailsh status"); a new section is one more function appended to
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from mailsh.units import format_size
 
 if TYPE_CHECKING:
     from mailsh.keys.identity import Identity
@@ -30,6 +30,10 @@ RECENT_DECISIONS = 10
 """How many of the latest final decisions the ``recent`` section lists."""
 SENT_REQUESTS = 20
 """How many of the latest sent requests the ``sent`` section lists."""
+PROBLEM_REASONS = 20
+"""How many (state, reason) pairs the ``problems`` section lists, latest first."""
+LAST_ERRORS = 5
+"""How many of the latest errors the ``last_errors`` section lists."""
 
 JsonValue = Any
 
@@ -98,12 +102,7 @@ def human_time(iso: str | None) -> str:
 
 
 def _human_bytes(size: int) -> str:
-    value = float(size)
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{size} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
+    return format_size(size, byte_unit="bytes")
 
 
 # -- sections -------------------------------------------------------------------------
@@ -160,8 +159,10 @@ def serve_section(ctx: StatusContext) -> Section | None:
 def queue_section(ctx: StatusContext) -> Section | None:
     if not ctx.is_server:
         return None
+    from mailsh.server.diskspace import count_files
+
     counts = ctx.counts
-    pending = _count_files(ctx.settings.spool_dir / "new")[0]
+    pending = count_files(ctx.settings.spool_dir / "new")[0]
     next_retry = _when(ctx.state.outbox.next_due())
     data = {
         "spool_pending": pending,
@@ -198,29 +199,15 @@ def messages_section(ctx: StatusContext) -> Section | None:
     return Section("messages", "messages by state", data, rows=rows)
 
 
-def _count_files(directory: Path) -> tuple[int, int]:
-    files = size = 0
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return 0, 0
-    for entry in entries:
-        try:
-            if entry.is_file(follow_symlinks=False):
-                files += 1
-                size += entry.stat(follow_symlinks=False).st_size
-        except OSError:
-            continue
-    return files, size
-
-
 def spool_section(ctx: StatusContext) -> Section | None:
     if not ctx.is_server:
         return None
+    from mailsh.server.diskspace import count_files
+
     data: dict[str, int] = {}
     rows = []
     for sub in ("new", "done", "quarantine"):
-        files, size = _count_files(ctx.settings.spool_dir / sub)
+        files, size = count_files(ctx.settings.spool_dir / sub)
         data[f"{sub}_files"], data[f"{sub}_bytes"] = files, size
         rows.append((sub, f"{files} files, {_human_bytes(size)}"))
     data["bytes"] = sum(v for k, v in data.items() if k.endswith("_bytes"))
@@ -273,7 +260,7 @@ def problems_section(ctx: StatusContext) -> Section | None:
         return None
     data = [
         {"state": c.state.value, "reason": c.reason, "count": c.count, "last_at": _when(c.last_at)}
-        for c in ctx.state.report.problem_counts()
+        for c in ctx.state.report.problem_counts(PROBLEM_REASONS)
     ]
     return Section(
         "problems",
@@ -290,7 +277,7 @@ def errors_section(ctx: StatusContext) -> Section | None:
         return None
     data = [
         {"at": _when(e.at), "kind": e.kind, "ref": e.ref, "error": e.error}
-        for e in ctx.state.report.last_errors()
+        for e in ctx.state.report.last_errors(LAST_ERRORS)
     ]
     return Section(
         "last_errors",

@@ -40,12 +40,13 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * _SIZE_UNITS[match[2].lower()])
 
 
-def format_size(n: int) -> str:
-    """``n`` bytes for people: ``512 B``, ``1.5 KiB``, ``100.0 MiB``."""
+def format_size(n: int, *, byte_unit: str = "B") -> str:
+    """``n`` bytes for people: ``512 B``, ``1.5 KiB``, ``100.0 MiB`` (``byte_unit`` names
+    the unit below 1 KiB: ``mailsh status`` says ``512 bytes``)."""
     size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
+    for unit in (byte_unit, "KiB", "MiB", "GiB"):
         if abs(size) < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+            return f"{n} {byte_unit}" if unit == byte_unit else f"{size:.1f} {unit}"
         size /= 1024
     return f"{size:.1f} GiB"  # pragma: no cover - the loop always returns
 

@@ -73,7 +73,8 @@ def settings_from(**flags: Any) -> Settings:
     is dropped here, and the settings read the variable themselves, at the environment's
     place in the precedence (flag > env > mailsh.toml; see mailsh.settings).
     """
-    from mailsh.settings import ensure_home, load_settings
+    from mailsh.home import ensure_home
+    from mailsh.settings import load_settings
 
     given = {
         name: value

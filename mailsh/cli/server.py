@@ -217,21 +217,19 @@ def serve(
         ),
     ] = None,
     poll_interval: Annotated[
-        float,
-        typer.Option(
-            "--poll-interval",
-            metavar="S",
-            help="Seconds between mailbox checks when inotify is absent.",
+        OptFloat,
+        setting(
+            "--poll-interval", "S", "Seconds between mailbox checks when inotify is absent [2]."
         ),
-    ] = 2.0,
+    ] = None,
     shutdown_grace: Annotated[
-        float,
-        typer.Option(
+        OptFloat,
+        setting(
             "--shutdown-grace",
-            metavar="S",
-            help="On SIGTERM, let running commands finish this long (seconds).",
+            "S",
+            "On SIGTERM, let running commands finish this long, seconds [30].",
         ),
-    ] = 30.0,
+    ] = None,
     log_format: Annotated[OptStr, setting("--log-format", "FORMAT", "text or json [text].")] = None,
 ) -> None:
     """Run commands that arrive as signed mail, and mail back signed, encrypted results.
@@ -265,6 +263,8 @@ def serve(
         discard_retention=discard_retention,
         min_free_space=min_free_space,
         reply_summary=reply_summary,
+        poll_interval=poll_interval,
+        shutdown_grace=shutdown_grace,
     )
     # What `mailsh deliver` spools is always served; --spool-only says it is the only
     # source, so a serve with no source at all is still a mistake caught here.
@@ -288,8 +288,6 @@ def serve(
             maildirs=list(maildir or []),
             smtp_listen=listen,
             once=once,
-            poll_interval=poll_interval,
-            shutdown_grace=shutdown_grace,
         ),
     )
     server.install_signal_handlers()

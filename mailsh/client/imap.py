@@ -17,8 +17,8 @@ import contextlib
 import imaplib
 import re
 import time
-import types
 from pathlib import Path
+from typing import Self
 
 from mailsh.client.imap_conn import (
     CONNECTION_ERRORS,
@@ -35,9 +35,16 @@ from mailsh.client.imap_conn import (
 )
 from mailsh.client.imap_url import ImapTarget, TlsMode, parse_imap_url
 from mailsh.errors import TransportError
+from mailsh.resources import Closing
 
-#: Re-issue IDLE before servers drop it (RFC 2177: at least every 29 minutes).
 IDLE_RENEW_SECONDS = 25 * 60
+"""Re-issue IDLE before servers drop it. A protocol constant, not a setting: RFC 2177
+asks clients to re-issue IDLE at least every 29 minutes, so any value must stay below."""
+RECONNECT_BACKOFF = 0.5
+"""Seconds before the first reconnect, doubled for each further one in a row."""
+RECONNECT_BACKOFF_MAX = 30.0
+"""The longest wait before a reconnect. The backoff is internal tuning, not a setting:
+``imap_max_reconnects`` (a setting) already bounds how long reconnecting goes on."""
 
 _FETCH_UID = re.compile(rb"\bUID (\d+)")
 _FETCH_SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
@@ -51,7 +58,7 @@ __all__ = [
 ]
 
 
-class ImapWatcher:
+class ImapWatcher(Closing):
     """Watch one mailbox for new messages, read-only.
 
     ``since_uid`` chooses where the first :meth:`fetch_new` starts: an int returns the
@@ -65,6 +72,9 @@ class ImapWatcher:
 
     Connection drops are retried ``max_reconnects`` times in a row with exponential
     backoff, then :class:`TransportError` is raised. A refused login is never retried.
+
+    ``timeout``, ``poll_interval`` and ``max_reconnects`` are the ``imap_*`` settings
+    (docs/client.md), and default to the same values; ``wait-reply`` passes the settings.
     """
 
     def __init__(
@@ -78,7 +88,7 @@ class ImapWatcher:
         timeout: float = 30.0,
         poll_interval: float = 5.0,
         max_reconnects: int = 5,
-        backoff: float = 0.5,
+        backoff: float = RECONNECT_BACKOFF,
         idle_renew: float = IDLE_RENEW_SECONDS,
         max_message_bytes: int | None = None,
     ) -> None:
@@ -106,17 +116,9 @@ class ImapWatcher:
 
     # ------------------------------------------------------------------ connection
 
-    def __enter__(self) -> ImapWatcher:
+    def __enter__(self) -> Self:
         self.connect()
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: types.TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def idle_supported(self) -> bool:
@@ -206,7 +208,7 @@ class ImapWatcher:
                 hint="check the network and the server, then run the command again",
             ) from cause
         self.close()
-        time.sleep(min(self.backoff * 2 ** (attempt - 1), 30.0))
+        time.sleep(min(self.backoff * 2 ** (attempt - 1), RECONNECT_BACKOFF_MAX))
         try:
             self.connect()
         except ImapLoginError:

@@ -42,6 +42,10 @@ class UnknownRequestError(MailshError):
     failure of wait-reply, so it cannot be mistaken for a remote exit status)."""
 
 
+MARK_TAIL_BYTES = 4096
+"""Bytes before the mbox mark whose hash must still match for a scan to start there."""
+
+
 @dataclass(frozen=True)
 class MboxMark:
     """Where the reply mbox ended when the request was sent (a scan may start there).

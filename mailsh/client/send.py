@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from mailsh.client.pending import MboxMark, PendingRequest, PendingStore
+from mailsh.client.pending import MARK_TAIL_BYTES, MboxMark, PendingRequest, PendingStore
 from mailsh.errors import (
     ConfigError,
     HandoffUnknownError,
@@ -48,8 +48,6 @@ if TYPE_CHECKING:
     from mailsh.seal import SealedRequest
     from mailsh.settings import Settings
 
-MARK_TAIL_BYTES = 4096
-"""Bytes before the mbox mark whose hash must still match for a scan to start there."""
 
 SERVER_KEY_HINT = "mailsh trust add SERVER.asc   (the server's key, from its mailsh keys export)"
 

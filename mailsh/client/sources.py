@@ -225,6 +225,9 @@ def open_imap(settings: Settings, url: str, *, not_before: datetime | None = Non
         settings.imap_password.get_secret_value(),
         ca_file=ca_file,
         since_uid=None if not_before is not None else 0,
+        timeout=settings.imap_timeout,
+        poll_interval=settings.imap_poll_interval,
+        max_reconnects=settings.imap_max_reconnects,
         max_message_bytes=settings.max_reply_bytes,
     )
     since = None if not_before is None else (not_before - IMAP_SINCE_SLACK).astimezone(UTC).date()
@@ -233,6 +236,8 @@ def open_imap(settings: Settings, url: str, *, not_before: datetime | None = Non
 
 def mbox_start(path: Path, mark: MboxMark | None) -> int:
     """Where to start scanning ``path``: the send-time mark if provably valid, else 0."""
+    from mailsh.client.pending import MARK_TAIL_BYTES
+
     if mark is None or mark.path != str(path.absolute()):
         return 0
     try:
@@ -243,7 +248,7 @@ def mbox_start(path: Path, mark: MboxMark | None) -> int:
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != (mark.device, mark.inode) or st.st_size < mark.offset:
             return 0
-        start = max(0, mark.offset - 4096)
+        start = max(0, mark.offset - MARK_TAIL_BYTES)
         tail = os.pread(fd, mark.offset - start, start)
     except OSError:
         return 0

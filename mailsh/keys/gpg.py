@@ -20,6 +20,9 @@ import gnupg
 from mailsh.errors import DependencyError, GpgError
 
 MIN_GNUPG = (2, 2, 36)
+AGENT_KILL_TIMEOUT = 30
+"""Seconds ``gpgconf --kill all`` may take when a home's agent is stopped (tests, demo
+clean-up). Not a setting: nothing the user runs waits on it, and errors are ignored."""
 
 HARDENING_OPTIONS = (
     "--no-options",
@@ -108,7 +111,7 @@ class Gpg:
             [gpgconf, "--homedir", str(self.home), "--kill", "all"],
             check=False,
             capture_output=True,
-            timeout=30,
+            timeout=AGENT_KILL_TIMEOUT,
         )
 
 

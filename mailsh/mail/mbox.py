@@ -28,7 +28,14 @@ from mailsh.errors import TransportError
 
 log = logging.getLogger(__name__)
 
+SCAN_LOCK_ATTEMPTS = 10
+SCAN_LOCK_INTERVAL = 0.2
+"""A scan tries the shared lock ``SCAN_LOCK_ATTEMPTS`` times, ``SCAN_LOCK_INTERVAL``
+seconds apart, then returns nothing for now. Internal, not a setting: a busy lock only
+delays the scan until the mailbox changes again; nothing is lost."""
+
 _BLOCK = 1 << 20
+_LINE_BLOCK = 4096  # bytes read at a time while looking for the end of one line
 _SEP = b"\n\nFrom "
 _LOCK_BUSY = (errno.EAGAIN, errno.EACCES)
 
@@ -75,7 +82,7 @@ def _separators(fd: int, start: int, end: int) -> list[int]:
 def _line_end(fd: int, pos: int, limit: int) -> int:
     """Offset just after the newline that ends the line at ``pos`` (or ``limit``)."""
     while pos < limit:
-        buf = os.pread(fd, min(4096, limit - pos), pos)
+        buf = os.pread(fd, min(_LINE_BLOCK, limit - pos), pos)
         if not buf:
             break
         i = buf.find(b"\n")
@@ -135,7 +142,11 @@ def _resumable(fd: int, offset: int, size: int) -> bool:
 
 
 def scan_mbox(
-    path: Path, offset: int = 0, *, lock_attempts: int = 10, lock_interval: float = 0.2
+    path: Path,
+    offset: int = 0,
+    *,
+    lock_attempts: int = SCAN_LOCK_ATTEMPTS,
+    lock_interval: float = SCAN_LOCK_INTERVAL,
 ) -> tuple[list[bytes], int]:
     """Complete messages at or after ``offset`` in a mailbox, and the offset to resume at.
 

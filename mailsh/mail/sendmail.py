@@ -24,7 +24,7 @@ def send_sendmail(
     mail_from: str,
     rcpt_to: Sequence[str],
     message: bytes,
-    timeout: float = 60,
+    timeout: float = 60.0,
 ) -> None:
     """Pipe ``message`` (LF line endings) into ``PATH -i -f FROM -- RCPT...``.
 

@@ -24,6 +24,7 @@ from mailsh.addresses import is_loopback
 from mailsh.errors import HandoffUnknownError, TransportError, TransportTempError, UsageError
 from mailsh.mail.smtp_url import PASSWORD_HINT, SmtpOptions, SmtpTarget
 from mailsh.mail.transport import check_envelope, server_text, to_crlf
+from mailsh.resources import Closing
 
 
 class _TracksData:
@@ -63,7 +64,7 @@ def send_smtp(
         session.send(mail_from=mail_from, rcpt_to=rcpt_to, message=message)
 
 
-class SmtpSession:
+class SmtpSession(Closing):
     """Several messages over one SMTP connection (a burst of replies), opened on the
     first :meth:`send` and closed (QUIT) on exit.
 
@@ -175,12 +176,6 @@ class SmtpSession:
             with contextlib.suppress(smtplib.SMTPException, OSError):
                 self._client.quit()
             self._drop()
-
-    def __enter__(self) -> SmtpSession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _start_session(

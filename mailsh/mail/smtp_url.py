@@ -125,7 +125,8 @@ class SmtpOptions:
     ``require_tls``: refuse to send anything when the connection cannot be encrypted
     (``smtp://`` to a server not offering STARTTLS). ``ca_file``: PEM file of the CA(s)
     to trust instead of the system store (private CAs, self-signed servers).
-    ``password``: for the user in the URL. ``timeout``: seconds per network operation.
+    ``password``: for the user in the URL. ``timeout``: seconds per network operation
+    (the ``smtp_timeout`` setting).
     ``local_hostname``: name sent in EHLO (default: this host's FQDN).
     """
 

@@ -75,6 +75,7 @@ class Transport:
     smtp: SmtpTarget | None = None
     smtp_options: SmtpOptions | None = None
     sendmail: Path | None = None
+    sendmail_timeout: float = 60.0  # the sendmail_timeout setting
 
     def __post_init__(self) -> None:
         if (self.smtp is None) == (self.sendmail is None):
@@ -96,7 +97,13 @@ class Transport:
         elif self.sendmail is not None:
             from mailsh.mail.sendmail import send_sendmail
 
-            send_sendmail(self.sendmail, mail_from=mail_from, rcpt_to=rcpt_to, message=message)
+            send_sendmail(
+                self.sendmail,
+                mail_from=mail_from,
+                rcpt_to=rcpt_to,
+                message=message,
+                timeout=self.sendmail_timeout,
+            )
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Submit]:
@@ -127,7 +134,7 @@ def transport_from_settings(settings: Settings) -> Transport:
             hint="drop --smtp/MAILSH_SMTP or --sendmail/MAILSH_SENDMAIL",
         )
     if settings.sendmail is not None:
-        return Transport(sendmail=settings.sendmail)
+        return Transport(sendmail=settings.sendmail, sendmail_timeout=settings.sendmail_timeout)
     assert settings.smtp is not None  # noqa: S101 - narrowed by the checks above
     return Transport(
         smtp=parse_smtp_url(settings.smtp),
@@ -135,6 +142,7 @@ def transport_from_settings(settings: Settings) -> Transport:
             require_tls=settings.require_tls,
             ca_file=settings.smtp_ca_file,
             password=settings.smtp_password,
+            timeout=settings.smtp_timeout,
         ),
     )
 

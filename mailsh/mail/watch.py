@@ -32,10 +32,11 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from inotify_simple import INotify, flags  # type: ignore[import-untyped]
+
+from mailsh.resources import Closing
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def _listdir(path: Path) -> list[str]:
         return []
 
 
-class Watcher:
+class Watcher(Closing):
     """Waits for changes to mailboxes (see module docstring); a context manager."""
 
     def __init__(
@@ -171,14 +172,3 @@ class Watcher:
             self._inotify.close()
             self._inotify = None
         self._closed = True
-
-    def __enter__(self) -> Watcher:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 
 from mailsh.errors import ConfigError, DependencyError
+from mailsh.home import check_serve_home
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.identity import require_identity
 from mailsh.mail.watch import Watcher
@@ -39,7 +40,7 @@ from mailsh.server.processor import Processor, ServerIdentity
 from mailsh.server.retention import Pruner
 from mailsh.server.spool import Spool
 from mailsh.server.state import StateDB
-from mailsh.settings import Settings, check_serve_home
+from mailsh.settings import Settings
 
 log = logging.getLogger("mailsh.server")
 
@@ -50,8 +51,6 @@ class ServeOptions:
     maildirs: list[Path] = field(default_factory=list)
     smtp_listen: tuple[str, int] | None = None
     once: bool = False
-    poll_interval: float = 2.0
-    shutdown_grace: float = 30.0
 
 
 MIN_AIOSMTPD = (1, 4, 6)
@@ -227,7 +226,7 @@ class Server:
         watch_paths = [*self.options.mboxes, *self.options.maildirs, self.spool.root]
         try:
             self.start_listener()
-            with Watcher(watch_paths, poll_interval=self.options.poll_interval) as watcher:
+            with Watcher(watch_paths, poll_interval=self.settings.poll_interval) as watcher:
                 if self.options.once:
                     self._run_once()
                 else:
@@ -313,7 +312,7 @@ class Server:
                 log.warning("intake %s: %s", getattr(intake, "path", intake), exc)
 
     def shutdown(self) -> None:
-        self.dispatcher.stop(self.options.shutdown_grace)
+        self.dispatcher.stop(self.settings.shutdown_grace)
         self.report_unfinished(final=True)
         self.pruner.stop()
         if self.listener is not None:

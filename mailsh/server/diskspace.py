@@ -84,6 +84,24 @@ class SpaceGuard:
         return not paused
 
 
+def count_files(directory: Path) -> tuple[int, int]:
+    """How many regular files ``directory`` holds (not below it), and their bytes; (0, 0)
+    if it cannot be listed. Symlinks are not followed."""
+    files = size = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0, 0
+    for entry in entries:
+        try:
+            if entry.is_file(follow_symlinks=False):
+                files += 1
+                size += entry.stat(follow_symlinks=False).st_size
+        except OSError:
+            continue
+    return files, size
+
+
 def tree_bytes(path: Path) -> int:
     """Total size of the regular files under ``path`` (symlinks not followed)."""
     total = 0

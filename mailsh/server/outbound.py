@@ -25,6 +25,14 @@ log = logging.getLogger("mailsh.server")
 
 SendMail = Callable[[str, str, bytes], None]  # (mail_from, rcpt_to, message)
 
+STOP_TIMEOUT = 10.0
+"""Seconds serve waits on shutdown for the sender to finish the reply it is sending.
+Not a setting: a reply not sent by then stays queued, and the next serve sends it once
+its lease (``reply_lease``) ends."""
+MIN_WAIT = 0.05
+"""Shortest sleep between two looks at the reply queue, so that a reply due now (or a
+clock step) cannot make the sender spin. Internal tuning, not a setting."""
+
 
 class SettingsSendMail:
     """Replies leave the way the settings say (``--smtp`` or ``--sendmail``); a burst
@@ -153,9 +161,9 @@ class ReplySender:
         due = self.state.outbox.next_due()
         if due is None:
             return self.check_interval
-        return max(0.05, min(self.check_interval, (due - datetime.now(UTC)).total_seconds()))
+        return max(MIN_WAIT, min(self.check_interval, (due - datetime.now(UTC)).total_seconds()))
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:

@@ -23,6 +23,7 @@ import typer
 import typer.main
 
 from mailsh.cli import app, main
+from mailsh.settings import Settings
 from tests.kit.cli import cli
 from tests.kit.homes import Home
 
@@ -427,3 +428,42 @@ def test_keygen_name_default_is_described_as_it_is(
     assert made.code == 0, made.err
     uids = cli(capsys, "keys", "show", "--home", str(home)).out
     assert "uid ann.lee <ann.lee@example.org>" in uids
+
+
+def test_serve_poll_interval_and_shutdown_grace_are_settings(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """MAILSH_POLL_INTERVAL and MAILSH_SHUTDOWN_GRACE reach serve like every other
+    setting, and --poll-interval still beats its variable. (The server is replaced by a
+    stand-in that records its settings: what matters is what serve would run with.)"""
+    seen: list[Settings] = []
+
+    class RecordingServer:
+        abandoned = False
+
+        def __init__(self, settings: Settings, options: object) -> None:
+            seen.append(settings)
+
+        def install_signal_handlers(self) -> None:
+            pass
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr("mailsh.server.daemon.Server", RecordingServer)
+    monkeypatch.setattr("mailsh.cli.server._setup_logging", lambda fmt: None)
+    for name in [n for n in os.environ if n.startswith("MAILSH_")]:
+        monkeypatch.delenv(name)
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    argv = ["serve", "--spool-only", "--once", "--sendmail", "/bin/true", "--home", str(home)]
+    assert cli(capsys, *argv).code == 0
+    monkeypatch.setenv("MAILSH_POLL_INTERVAL", "0.25")
+    monkeypatch.setenv("MAILSH_SHUTDOWN_GRACE", "7")
+    assert cli(capsys, *argv).code == 0
+    assert cli(capsys, *argv, "--poll-interval", "0.5").code == 0
+    assert [(s.poll_interval, s.shutdown_grace) for s in seen] == [
+        (2.0, 30.0),
+        (0.25, 7.0),
+        (0.5, 7.0),
+    ]

@@ -68,14 +68,16 @@ def test_serve_below_the_floor_leaves_the_mbox_untouched_then_resumes(
     mbox_append(mbox, sealed.mail)
     before = mbox.read_bytes()
     caplog.set_level(logging.INFO, logger="mailsh.server")
-    full = server_settings(srv, sink, workdir=tmp_path, min_free_space=_above_free(tmp_path))
-    Server(full, ServeOptions(mboxes=[mbox], once=True, poll_interval=0.2)).run()
+    full = server_settings(
+        srv, sink, workdir=tmp_path, min_free_space=_above_free(tmp_path), poll_interval=0.2
+    )
+    Server(full, ServeOptions(mboxes=[mbox], once=True)).run()
     assert mbox.read_bytes() == before  # not read, not locked away, not truncated
     assert sink.messages == []
     assert sum("intake paused" in r.getMessage() for r in caplog.records) == 1
 
-    roomy = server_settings(srv, sink, workdir=tmp_path)
-    Server(roomy, ServeOptions(mboxes=[mbox], once=True, poll_interval=0.2)).run()
+    roomy = server_settings(srv, sink, workdir=tmp_path, poll_interval=0.2)
+    Server(roomy, ServeOptions(mboxes=[mbox], once=True)).run()
     assert mbox.read_bytes() == b""
     [reply] = replies_for(alice, srv, sealed, sink)
     assert reply.stdout == b"resumed\n"
@@ -84,8 +86,10 @@ def test_serve_below_the_floor_leaves_the_mbox_untouched_then_resumes(
 def test_serve_smtp_listener_answers_452_below_the_floor(
     srv: Home, sink: Sink, tmp_path: Path
 ) -> None:
-    full = server_settings(srv, sink, workdir=tmp_path, min_free_space=_above_free(tmp_path))
-    server = Server(full, ServeOptions(smtp_listen=("127.0.0.1", 0), poll_interval=0.2))
+    full = server_settings(
+        srv, sink, workdir=tmp_path, min_free_space=_above_free(tmp_path), poll_interval=0.2
+    )
+    server = Server(full, ServeOptions(smtp_listen=("127.0.0.1", 0)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

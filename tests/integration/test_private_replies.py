@@ -35,8 +35,8 @@ def _clear_text(raw: bytes, request_id: str) -> bytes:
 def _serve(srv: Home, sink: Sink, tmp_path: Path, *requests: SealedRequest, **over: object) -> None:
     mbox = tmp_path / "root.mbox"
     mbox_append(mbox, *(r.mail for r in requests))
-    settings = server_settings(srv, sink, workdir=tmp_path, **over)
-    Server(settings, ServeOptions(mboxes=[mbox], once=True, poll_interval=0.2)).run()
+    settings = server_settings(srv, sink, workdir=tmp_path, poll_interval=0.2, **over)
+    Server(settings, ServeOptions(mboxes=[mbox], once=True)).run()
 
 
 def _replies(alice: Home, srv: Home, sink: Sink, *requests: SealedRequest) -> list[bytes]:

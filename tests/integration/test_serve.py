@@ -36,8 +36,8 @@ from tests.kit.smtp import Sink
 
 
 def serve_once(home: Home, sink: Sink, tmp_path: Path, **options: object) -> Server:
-    settings = server_settings(home, sink, workdir=tmp_path)
-    server = Server(settings, ServeOptions(once=True, poll_interval=0.2, **options))  # type: ignore[arg-type]
+    settings = server_settings(home, sink, workdir=tmp_path, poll_interval=0.2)
+    server = Server(settings, ServeOptions(once=True, **options))  # type: ignore[arg-type]
     server.run()
     return server
 
@@ -192,8 +192,8 @@ def test_timeout_and_output_cap_reported(
 def test_smtp_listener_intake_while_running(
     alice: Home, srv: Home, sink: Sink, tmp_path: Path
 ) -> None:
-    settings = server_settings(srv, sink, workdir=tmp_path)
-    server = Server(settings, ServeOptions(smtp_listen=("127.0.0.1", 0), poll_interval=0.2))
+    settings = server_settings(srv, sink, workdir=tmp_path, poll_interval=0.2)
+    server = Server(settings, ServeOptions(smtp_listen=("127.0.0.1", 0)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

@@ -158,8 +158,8 @@ def test_run_as_commands_get_a_process_limit_and_lose_their_escapees(
         )
         mbox = shared / "mbox"
         mbox_append(mbox, limit.mail, escape.mail)
-        settings = server_settings(srv, sink, workdir=Path("/"), run_as="nobody")
-        server = Server(settings, ServeOptions(mboxes=[mbox], once=True, poll_interval=0.2))
+        settings = server_settings(srv, sink, workdir=Path("/"), run_as="nobody", poll_interval=0.2)
+        server = Server(settings, ServeOptions(mboxes=[mbox], once=True))
         server.run()
         [limit_reply] = replies_for(alice, srv, limit, sink)
         assert limit_reply.stdout.split()[2:4] == [b"256", b"256"]  # soft and hard
@@ -198,7 +198,8 @@ def test_main_loop_backs_off_and_keeps_serving_through_os_errors(
     from mailsh.server.spool import SpooledMessage
     from tests.kit.serverkit import server_settings
 
-    server = Server(server_settings(srv, sink, workdir=tmp_path), ServeOptions(poll_interval=0.2))
+    settings = server_settings(srv, sink, workdir=tmp_path, poll_interval=0.2)
+    server = Server(settings, ServeOptions())
     real_pending = server.spool.pending
     failures = [2]
 

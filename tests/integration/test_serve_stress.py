@@ -63,8 +63,8 @@ def test_500_requests_while_serving_each_run_exactly_once(
     marker = tmp_path / "ran"
     mbox = tmp_path / "root.mbox"
     sealed = [request(alice, srv, f"echo {i} >> {marker}") for i in range(N_REQUESTS)]
-    settings = server_settings(srv, sink, workdir=tmp_path, workers=2)
-    server = Server(settings, ServeOptions(mboxes=[mbox], poll_interval=0.5))
+    settings = server_settings(srv, sink, workdir=tmp_path, workers=2, poll_interval=0.5)
+    server = Server(settings, ServeOptions(mboxes=[mbox]))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     writer = get_context("spawn").Process(

@@ -148,7 +148,12 @@ class Rig:
             "".join(f"{k} = {v!r}\n" for k, v in RIG_SETTINGS.items()), encoding="utf-8"
         )
         self.settings = load_settings(
-            home=home, address=kit.server.email, smtp=sink.url, workdir=root
+            home=home,
+            address=kit.server.email,
+            smtp=sink.url,
+            workdir=root,
+            poll_interval=0.2,
+            shutdown_grace=5.0,
         )
         self.server = Server(
             self.settings,
@@ -156,8 +161,6 @@ class Rig:
                 mboxes=[self.mbox, *mboxes],
                 maildirs=[self.maildir, *maildirs],
                 smtp_listen=("127.0.0.1", 0),
-                poll_interval=0.2,
-                shutdown_grace=5.0,
             ),
         )
         self.state = StateDB(self.settings.state_db)

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from mailsh.home import ensure_home
 from mailsh.keys.gpg import Gpg
 from mailsh.keys.identity import export_public, generate
 from mailsh.server.spool import Spool
-from mailsh.settings import ensure_home, load_settings
+from mailsh.settings import load_settings
 from tests.kit.clientkit import Rig, make_rig
 from tests.kit.homes import Home, pair
 from tests.kit.mailrig import MailRig, contains, remove_messages, start_rig

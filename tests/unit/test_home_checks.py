@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from mailsh.errors import ConfigError, ExitCode
-from mailsh.settings import check_serve_home, ensure_home, load_settings
+from mailsh.home import check_serve_home, ensure_home
+from mailsh.settings import load_settings
 
 NOBODY = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")

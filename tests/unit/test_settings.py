@@ -9,7 +9,8 @@ import pytest
 from pydantic import SecretStr
 
 from mailsh.errors import ConfigError
-from mailsh.settings import Settings, ensure_home, load_settings
+from mailsh.home import ensure_home
+from mailsh.settings import Settings, load_settings
 
 
 @pytest.fixture(autouse=True)

@@ -63,6 +63,7 @@ STALE_LOCK_SECONDS = 500.0
 LOCK_ATTEMPTS = 20
 LOCK_INTERVAL = 0.5
 _LOCK_TAG_RE = re.compile(rb"mailsh (\d+) (\S+)\n")
+_LOCK_TAG_MAX = 256  # bytes of a dotlock read for the tag; a longer one is not mailsh's
 
 
 def _names_dead_mailsh(content: bytes) -> bool:
@@ -105,7 +106,7 @@ def _dotlock_state(dir_fd: int, name: str, shown: Path) -> str:
         return "gone"
     try:
         age = time.time() - os.fstat(fd).st_mtime
-        content = os.read(fd, 256)
+        content = os.read(fd, _LOCK_TAG_MAX)
     except OSError:
         return "held"
     finally:

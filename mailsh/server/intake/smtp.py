@@ -48,12 +48,12 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Protocol, Self
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailsh.errors import TransportError
+from mailsh.resources import Closing
 from mailsh.server.diskspace import SMTP_PAUSED
 from mailsh.server.intake.smtp_limits import MAX_RECIPIENTS, Admission, LimitedSMTP, SmtpLimits
 
@@ -270,7 +270,7 @@ def listen_error(host: str, port: int, exc: OSError) -> TransportError:
     return TransportError(f"cannot listen on {host}:{port}: {why}", hint=hint)
 
 
-class SmtpListener:
+class SmtpListener(Closing):
     """An SMTP server on ``host:port`` feeding ``spool``, run in a background thread.
 
     ``accept(address)`` says which ``RCPT TO`` addresses are ours. Nothing is called
@@ -379,10 +379,6 @@ class SmtpListener:
         self.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
+        """:meth:`stop`: what leaving a ``with`` block does (entering it starts)."""
         self.stop()

@@ -34,8 +34,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Self
 
+from mailsh.resources import Closing
 from mailsh.server.state.messages import Messages
 from mailsh.server.state.model import (
     ClaimedRequest,
@@ -55,7 +55,7 @@ from mailsh.server.state.schema import MIGRATIONS, SCHEMA_VERSION
 from mailsh.server.state.store import Store
 
 
-class StateDB:
+class StateDB(Closing):
     """The state database, composed of its parts. Thread-safe; one per process is enough.
 
     ``clock`` returns the current aware time (injectable for tests).
@@ -72,12 +72,6 @@ class StateDB:
     def close(self) -> None:
         """Close the file; the object is unusable afterwards."""
         self.store.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 __all__ = [

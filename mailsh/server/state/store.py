@@ -10,9 +10,10 @@ import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from mailsh.errors import StateError
+from mailsh.resources import Closing
 from mailsh.server import claimant
 from mailsh.server.state.model import BUSY_TIMEOUT, timestamp, utcnow
 from mailsh.server.state.schema import MIGRATIONS, SCHEMA_VERSION
@@ -20,7 +21,7 @@ from mailsh.server.state.schema import MIGRATIONS, SCHEMA_VERSION
 log = logging.getLogger("mailsh.server.state")
 
 
-class Store:
+class Store(Closing):
     """The open state file that the parts of :class:`~mailsh.server.state.StateDB` share.
 
     Thread-safe: each thread gets its own connection. ``clock`` returns the current
@@ -54,12 +55,6 @@ class Store:
             conns, self._conns = self._conns, []
         for conn in conns:
             conn.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:

@@ -33,10 +33,11 @@ from mailsh.errors import (
     TrustError,
     UsageError,
 )
+from mailsh.home import ensure_home
 from mailsh.keys.gpg import Gpg
 from mailsh.mail.smtp_url import SmtpOptions, parse_smtp_url
 from mailsh.mail.transport import Transport, transport_from_settings
-from mailsh.settings import ensure_home, load_settings
+from mailsh.settings import load_settings
 from tests.kit.clientkit import Rig, open_as_server
 from tests.kit.mailbox import mbox_append
 from tests.kit.smtp import Sink, free_port

@@ -21,7 +21,8 @@ from mailsh.mail import smtp
 from mailsh.mail.sendmail import send_sendmail
 from mailsh.mail.smtp import SmtpSession, send_smtp
 from mailsh.mail.smtp_url import SmtpOptions, SmtpTarget, parse_smtp_url
-from mailsh.mail.transport import is_temporary, to_crlf, to_lf
+from mailsh.mail.transport import is_temporary, to_crlf, to_lf, transport_from_settings
+from mailsh.settings import load_settings
 from tests.kit.smtp import PortZeroController
 
 # A body with a line starting "From " (mboxo would quote it; send_message would mangle it)
@@ -540,6 +541,22 @@ def test_sendmail_timeout(tmp_path: Path) -> None:
     path.chmod(0o755)
     with pytest.raises(TransportTempError, match="did not finish"):
         send_sendmail(path, mail_from=FROM, rcpt_to=[TO], message=MESSAGE, timeout=0.3)
+
+
+def test_the_timeout_settings_reach_the_transport(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "sendmail"
+    path.write_text("#!/bin/sh\nexec sleep 30\n")
+    path.chmod(0o755)
+    monkeypatch.setenv("MAILSH_SENDMAIL_TIMEOUT", "0.3")
+    monkeypatch.setenv("MAILSH_SMTP_TIMEOUT", "7")
+    by_sendmail = transport_from_settings(load_settings(home=tmp_path, sendmail=path))
+    with pytest.raises(TransportTempError, match=r"did not finish within 0\.3 s"):
+        by_sendmail.submit(mail_from=FROM, rcpt_to=[TO], message=MESSAGE)
+    by_smtp = transport_from_settings(load_settings(home=tmp_path, smtp="smtp://127.0.0.1:1"))
+    assert by_smtp.smtp_options is not None
+    assert by_smtp.smtp_options.timeout == 7
 
 
 def test_hostile_server_text_reaches_the_user_as_one_printable_line(make_server: Any) -> None:
