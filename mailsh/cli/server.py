@@ -363,7 +363,8 @@ def _has_anything(settings: Settings) -> bool:
 def deliver() -> None:
     """Take one message on stdin into the server's spool (Postfix mailbox_command / pipe).
 
-    Exits 0 only once the message is durable; on any failure exits 75 (EX_TEMPFAIL) so
+    Exits 0 only once the message is durable; 73 (EX_CANTCREAT) for a message larger than
+    MAILSH_MAX_MESSAGE_BYTES, so the MTA bounces it; on any other failure 75 (EX_TEMPFAIL), so
     the MTA keeps the message and retries, also while free space is below
     --min-free-space (MAILSH_MIN_FREE_SPACE). Run `mailsh serve` on the same --home to
     process what was delivered.
