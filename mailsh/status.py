@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from mailsh.settings import Settings
 
 STATUS_FORMAT = "mailsh.status.v1"
+#: ``messages`` key of mailsh.status.v1 before the states took the wire's spelling
+#: (``outcome-unknown``); kept, with the same count, so no v1 reader loses a key.
+LEGACY_OUTCOME_UNKNOWN = "outcome_unknown"
 RECENT_DECISIONS = 10
 """How many of the latest final decisions the ``recent`` section lists."""
 SENT_REQUESTS = 20
@@ -196,6 +199,8 @@ def messages_section(ctx: StatusContext) -> Section | None:
     counts = ctx.counts
     data = {state.value: counts[state.value] for state in MessageState}
     rows = [(state.replace("-", " "), str(n)) for state, n in data.items()]
+    # The schema only gains keys: the state's spelling before one vocabulary stays too.
+    data[LEGACY_OUTCOME_UNKNOWN] = data[MessageState.OUTCOME_UNKNOWN.value]
     return Section("messages", "messages by state", data, rows=rows)
 
 

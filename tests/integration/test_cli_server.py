@@ -44,6 +44,8 @@ def test_deliver_then_serve_once_then_status(
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
     assert report["messages"]["replied"] == 1
+    # v1 only gains keys: the old spelling of outcome-unknown is still there, same count
+    assert report["messages"]["outcome-unknown"] == report["messages"]["outcome_unknown"] == 0
     assert report["queue"]["spool_pending"] == 0
     assert (report["serve"]["running"], report["serve"]["processes"]) == (False, [])  # ended
 
