@@ -28,7 +28,7 @@ from bench.core import wait_until
 from mailsh import protocol, seal
 from mailsh.home import ensure_home
 from mailsh.keys.gpg import Gpg
-from mailsh.keys.identity import Algo, export_public, generate
+from mailsh.keys.identity import Algo, new_identity
 from mailsh.keys.trust import TrustStore, add_trusted_key
 from mailsh.mail.message import read_mail
 from mailsh.settings import Settings, load_settings
@@ -79,17 +79,8 @@ def make_home(path: Path, email: str, algo: Algo) -> Home:
     settings = load_settings(home=path)
     ensure_home(settings)
     gpg = Gpg(settings.gnupg_home, binary=settings.gpg_binary, max_output=settings.max_gpg_output)
-    ident = generate(
-        gpg,
-        email=email,
-        name=email.split("@", maxsplit=1)[0],
-        algo=algo,
-        expire="1d",
-        passphrase=None,
-        force=False,
-    )
     pubkey = path / f"{email}.asc"
-    pubkey.write_text(export_public(gpg, ident.fingerprint), encoding="utf-8")
+    ident = new_identity(gpg, email, algo=algo, expire="1d", pubkey=pubkey)
     return Home(path, email, settings, gpg, ident.fingerprint, pubkey)
 
 

@@ -33,7 +33,7 @@ from mailsh.client.sources import open_source
 from mailsh.errors import MailshError
 from mailsh.home import ensure_home
 from mailsh.keys.gpg import Gpg
-from mailsh.keys.identity import export_public, generate
+from mailsh.keys.identity import new_identity
 from mailsh.keys.trust import add_trusted_key
 from mailsh.protocol import Reply
 from mailsh.settings import CONFIG_FILE_NAME, Settings, load_settings
@@ -86,17 +86,8 @@ def _identity(home: Path, email: str, *, expire: str = "1d", **settings: object)
     s = load_settings(home=home, **settings)
     ensure_home(s)
     gpg = Gpg(s.gnupg_home, binary=s.gpg_binary, max_output=s.max_gpg_output)
-    ident = generate(
-        gpg,
-        email=email,
-        name=email.split("@", maxsplit=1)[0],
-        algo="ed25519",
-        expire=expire,
-        passphrase=None,
-        force=False,
-    )
     pubkey = home / f"{email}.asc"
-    pubkey.write_text(export_public(gpg, ident.fingerprint), encoding="utf-8")
+    ident = new_identity(gpg, email, expire=expire, pubkey=pubkey)
     return _Side(settings=s, gpg=gpg, fingerprint=ident.fingerprint, pubkey=pubkey)
 
 

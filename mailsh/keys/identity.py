@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from mailsh.errors import GpgError, IdentityError
@@ -135,3 +136,27 @@ def export_public(gpg: Gpg, fingerprint: str) -> str:
     if not isinstance(armored, str) or "BEGIN PGP PUBLIC KEY BLOCK" not in armored:
         raise GpgError(f"gpg could not export key {fingerprint}")
     return armored
+
+
+def new_identity(
+    gpg: Gpg,
+    email: str,
+    *,
+    expire: str,
+    pubkey: Path,
+    algo: Algo = "ed25519",
+    passphrase: str | None = None,
+) -> Identity:
+    """A fresh identity for a home made on the spot (``mailsh demo``, the benchmark, the
+    tests): generated, named after the address, its public half written to ``pubkey``."""
+    identity = generate(
+        gpg,
+        email=email,
+        name=email.split("@", maxsplit=1)[0],
+        algo=algo,
+        expire=expire,
+        passphrase=passphrase,
+        force=False,
+    )
+    pubkey.write_text(export_public(gpg, identity.fingerprint), encoding="utf-8")
+    return identity

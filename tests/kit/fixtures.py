@@ -17,7 +17,7 @@ import pytest
 
 from mailsh.home import ensure_home
 from mailsh.keys.gpg import Gpg
-from mailsh.keys.identity import export_public, generate
+from mailsh.keys.identity import new_identity
 from mailsh.server.spool import Spool
 from mailsh.settings import load_settings
 from tests.kit.clientkit import Rig, make_rig
@@ -47,17 +47,8 @@ def make_home(_short_tmp: Path) -> Iterator[Callable[..., Home]]:
         ensure_home(s)
         gpg = Gpg(s.gnupg_home, max_output=s.max_gpg_output)
         made.append(gpg)
-        identity = generate(
-            gpg,
-            email=email,
-            name=email.split("@", maxsplit=1)[0],
-            algo="ed25519",
-            expire=expire,
-            passphrase=s.passphrase(),
-            force=False,
-        )
         pubkey = home_dir / "public.asc"
-        pubkey.write_text(export_public(gpg, identity.fingerprint), encoding="utf-8")
+        identity = new_identity(gpg, email, expire=expire, pubkey=pubkey, passphrase=s.passphrase())
         return Home(settings=s, gpg=gpg, identity=identity, email=email, pubkey=pubkey)
 
     yield factory
