@@ -366,7 +366,7 @@ def deliver() -> None:
     Exits 0 only once the message is durable; 73 (EX_CANTCREAT) for a message larger than
     MAILSH_MAX_MESSAGE_BYTES, so the MTA bounces it; on any other failure 75 (EX_TEMPFAIL), so
     the MTA keeps the message and retries, also while free space is below
-    --min-free-space (MAILSH_MIN_FREE_SPACE). Run `mailsh serve` on the same --home to
+    MAILSH_MIN_FREE_SPACE (serve's --min-free-space). Run `mailsh serve` on the same --home to
     process what was delivered.
     """
     from mailsh.server.intake.pipe import deliver as deliver_message
