@@ -160,11 +160,14 @@ def read_mail(raw: bytes, *, max_bytes: int | None) -> IncomingMail:
     if message_id is not None and not MESSAGE_ID_RE.match(message_id):
         message_id = None
     auto = headers.get("Auto-Submitted")
+    # The first Return-Path is the one the MTA (or serve's own listener) put on top. What
+    # the sender wrote after it can fold into it ("Return-Path: <>" + " x"): a null
+    # sender is a value that *starts* with "<>", whatever was folded on.
     return_path = str(headers.get("Return-Path", "")).strip()
     return IncomingMail(
         body=body_bytes,
         message_id=message_id,
         auto_submitted=str(auto).strip().lower() if auto is not None else None,
-        is_bounce=return_path == "<>",
+        is_bounce=return_path.startswith("<>"),
         subject_hint=str(headers.get("Subject", ""))[:200],
     )

@@ -55,7 +55,10 @@ def test_null_sender_over_smtp_is_a_bounce(rig: Rig, tmp_path: Path) -> None:
     listener records the null sender the same way, so the same message is discarded."""
     marker = tmp_path / "ran"
     before = len(rig.sink.messages)
-    rig.feed("smtp", [rig.kit.request(marker_command(marker))], mail_from="")
+    request = rig.kit.request(marker_command(marker))
+    # the second copy starts with a folded line, which would join the Return-Path: <>
+    # the listener puts on top (and make it "<> x" instead of "<>")
+    rig.feed("smtp", [request, b" folded\r\n" + request], mail_from="")
     rig.settle()
     assert marker_runs(marker) == 0
     assert rig.mailed(before) == []

@@ -134,6 +134,14 @@ def test_bounce_and_auto_submitted_are_seen() -> None:
     assert mail.auto_submitted == "auto-replied"
 
 
+def test_a_line_folded_into_the_null_return_path_still_marks_a_bounce() -> None:
+    # serve's listener puts "Return-Path: <>" before what a MAIL FROM:<> client sends;
+    # a first line starting with a space would fold into it (docs/security.md P7)
+    raw = b"Return-Path: <>\r\n folded\r\nSubject: t\r\n\r\nx"
+    assert read_mail(raw, max_bytes=LIMIT).is_bounce
+    assert not read_mail(b"Return-Path: <a@b>\r\n <>\r\n\r\nx", max_bytes=LIMIT).is_bounce
+
+
 def test_request_mail_is_single_text_plain_crlf() -> None:
     raw, message_id = build_request_mail(
         uu_block=b"begin 600 request.asc\n`\nend\n",
