@@ -22,9 +22,11 @@ from mailsh.settings import Settings
 
 log = logging.getLogger("mailsh.server")
 
+#: Said of every claim settled without its result: the serve process died or stopped,
+#: or this one failed to record the result (e.g. the state database stayed locked).
 INTERRUPTED_REASON = (
-    "the server stopped while the command was running; it may or may not have "
-    "completed, and it will not be run again"
+    "the server stopped, or failed, before the outcome of this request was recorded; the "
+    "command may or may not have completed, and it will not be run again"
 )
 
 
