@@ -205,6 +205,7 @@ class Processor:
                 "the signing key has no usable encryption subkey (expired or "
                 "revoked since it was pinned), so no reply can be encrypted to it; "
                 "nothing was run",
+                sealable=False,
             )
         return self._run(msg, trust, request, to)
 
@@ -216,13 +217,17 @@ class Processor:
         issued_at: datetime,
         reason: str,
         detail: str,
+        *,
+        sealable: bool = True,
     ) -> MessageState:
         """An authenticated request's one outcome is "rejected" (unless it was taken before:
-        then this is a copy). Reported when a reply can be encrypted to the signer."""
+        then this is a copy). Reported when a reply can be encrypted to the signer
+        (``sealable=False``: known not to be, so gpg is not asked to try)."""
         if self.state.requests.find(to.signer, to.request_id) is not None:
             return self._duplicate(msg, trust, to)
         why = f"{reason}: {detail}"
-        mail = self.replies.seal(trust, to, self.replies.rejected(to, why))
+        rejected = self.replies.rejected(to, why)
+        mail = self.replies.seal(trust, to, rejected) if sealable else None
         recorded = self.state.requests.record_rejection(
             spool_id=msg.id,
             signer=to.signer,
