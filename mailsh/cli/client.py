@@ -191,6 +191,7 @@ def send(
         typer.echo(sent.request_id)
         return
     from mailsh.client.sources import open_source
+    from mailsh.client.wait import resumable_wait  # imported before the request leaves
 
     # Watch the reply mailbox before sending, so nothing can arrive unseen (and an IMAP
     # login failure stops us while nothing has been sent).
@@ -200,8 +201,9 @@ def send(
     except BaseException:
         source.close()
         raise
-    if sys.stderr.isatty():
-        say(f"mailsh: sent request {sent.request_id} to {sent.pending.to}")
+    with resumable_wait(sent.pending, sent=True):  # from here on, every failure names the id
+        if sys.stderr.isatty():
+            say(f"mailsh: sent request {sent.request_id} to {sent.pending.to}")
     _wait_and_render(settings, sent.pending, json_out=json_out, source=source, sent=True)
 
 

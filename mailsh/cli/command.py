@@ -17,6 +17,8 @@ import typer
 import typer.main
 from typer.core import TyperCommand, TyperGroup
 
+from mailsh.errors import MailshError
+
 if TYPE_CHECKING:
     from typer._click import Command, Context, HelpFormatter, Parameter
 
@@ -182,7 +184,13 @@ class MailshCommand(TyperCommand):
             for param in self.params
             if isinstance(param.envvar, str) and _source(ctx, param) == "ENVIRONMENT"
         )
-        return super().invoke(ctx)
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            # Here, not in main(): typer would turn it into a silent exit 130. Where an
+            # interruption leaves something to say (a request that may run), the command
+            # has already said it as a MailshError.
+            raise MailshError("interrupted") from None
 
     def collect_usage_pieces(self, ctx: Context) -> list[str]:
         return _usage_pieces(self, ctx)

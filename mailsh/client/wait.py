@@ -271,6 +271,14 @@ def resumable_wait(record: PendingRequest, *, sent: bool = False) -> Iterator[No
             f"request {rid} was sent and may run, but waiting for its reply failed: {exc.message}",
             hint=f"{exc.hint + '; then: ' if exc.hint else ''}mailsh wait-reply {rid}",
         ) from exc
+    except Exception as exc:  # unexpected (an OSError of the mailbox, a bug): keep the id
+        if not sent:
+            raise
+        raise MailshError(
+            f"request {rid} was sent and may run, but waiting for its reply failed: "
+            f"{type(exc).__name__}: {exc}",
+            hint=f"mailsh wait-reply {rid} (--debug shows where it failed)",
+        ) from exc
 
 
 # -- what the reply means to the caller --------------------------------------------------

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -287,3 +289,28 @@ def test_a_public_key_that_cannot_be_written_is_one_line(
     assert exported.code == 255
     first, _ = _one_failure(exported.err)
     assert first == f"mailsh: cannot write {missing}: No such file or directory"
+
+
+def test_ctrl_c_outside_a_wait_is_one_line_and_exit_255(tmp_path: Path) -> None:
+    # typer turns a KeyboardInterrupt into a silent exit 130; mailsh says it, exit 255
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailsh", "--home", str(tmp_path / "h"), "send", "--stdin", "-",
+         "--to", "root@server.test", "--smtp", "smtp://127.0.0.1:1", "--", "cat"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        wchan = Path(f"/proc/{proc.pid}/wchan")
+        for _ in range(600):  # until it blocks reading the command's stdin
+            if wchan.read_text().endswith("pipe_read"):  # anon_pipe_read on Linux >= 6.14
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("mailsh send never read its stdin")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        assert proc.stdin is not None
+        proc.stdin.close()
+    assert proc.returncode == 255, err
+    assert err.decode().strip().splitlines()[-1] == "mailsh: interrupted"

@@ -413,6 +413,13 @@ def test_resumable_wait_names_the_request_and_how_to_go_on_waiting(rig: Rig, sin
     with pytest.raises(WaitTimeoutError) as caught, resumable_wait(sent.pending, sent=True):
         raise timeout
     assert caught.value is timeout  # already says both
+    with pytest.raises(MailshError) as err, resumable_wait(sent.pending, sent=True):
+        raise OSError(5, "Input/output error")  # not a MailshError: the id is still said
+    assert err.value.message.startswith(f"request {rid} was sent and may run")
+    assert "OSError" in err.value.message
+    assert err.value.hint is not None and f"mailsh wait-reply {rid}" in err.value.hint
+    with pytest.raises(OSError), resumable_wait(sent.pending):  # wait-reply: as is
+        raise OSError(5, "Input/output error")
 
 
 # --------------------------------------------------------------------------- IMAP
