@@ -13,7 +13,7 @@ Exit codes follow ssh: the remote command's status passes through unchanged
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
@@ -105,8 +105,6 @@ class TransportError(MailshError):
 
 class TransportTempError(TransportError):
     """A sending failure where trying again later may succeed."""
-
-    temporary: ClassVar[bool] = True
 
 
 class HandoffUnknownError(TransportTempError):

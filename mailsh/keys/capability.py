@@ -58,14 +58,6 @@ def _encryption_ends(key: Mapping[str, object]) -> list[float]:
     return ends
 
 
-def can_encrypt_to(gpg: Gpg, fingerprint: str) -> bool:
-    """True when the key ``fingerprint`` in ``gpg``'s keyring can be encrypted to now."""
-    for key in gpg.raw.list_keys(keys=[fingerprint]):
-        if str(key.get("fingerprint", "")).upper() == fingerprint.upper():
-            return usable_for_encryption(key)
-    return False
-
-
 _UNUSABLE_VALIDITY = frozenset("erid")  # expired, revoked, invalid, disabled
 RECHECK_UNUSABLE = 60.0
 """Seconds a "cannot encrypt" answer is reused (a key whose subkey is not yet valid)."""
@@ -74,10 +66,11 @@ RECHECK_USABLE_MAX = 3600.0
 
 
 class EncryptionCheck:
-    """:func:`can_encrypt_to`, asked of gpg at most once per key until the answer could
-    change: an answer is reused only while the keyring file is unchanged (an import, a
-    revocation or a new subkey changes it) and no expiry it depended on has passed.
-    Thread-safe. The server asks it for every authorized request."""
+    """Can the key with this fingerprint be encrypted to now? Asked of gpg at most once
+    per key until the answer could change: an answer is reused only while the keyring
+    file is unchanged (an import, a revocation or a new subkey changes it) and no expiry
+    it depended on has passed. Thread-safe. The server asks it for every authorized
+    request."""
 
     def __init__(self, gpg: Gpg, *, clock: Callable[[], float] = time.time) -> None:
         self.gpg = gpg
