@@ -78,7 +78,7 @@ class Home:
 def make_home(path: Path, email: str, algo: Algo) -> Home:
     settings = load_settings(home=path)
     ensure_home(settings)
-    gpg = Gpg(settings.gnupg_home, binary=settings.gpg_binary, max_output=settings.max_gpg_output)
+    gpg = Gpg.for_settings(settings)
     pubkey = path / f"{email}.asc"
     ident = new_identity(gpg, email, algo=algo, expire="1d", pubkey=pubkey)
     return Home(path, email, settings, gpg, ident.fingerprint, pubkey)

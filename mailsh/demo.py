@@ -85,7 +85,7 @@ class _Side:
 def _identity(home: Path, email: str, *, expire: str = "1d", **settings: object) -> _Side:
     s = load_settings(home=home, **settings)
     ensure_home(s)
-    gpg = Gpg(s.gnupg_home, binary=s.gpg_binary, max_output=s.max_gpg_output)
+    gpg = Gpg.for_settings(s)
     pubkey = home / f"{email}.asc"
     ident = new_identity(gpg, email, expire=expire, pubkey=pubkey)
     return _Side(settings=s, gpg=gpg, fingerprint=ident.fingerprint, pubkey=pubkey)

@@ -88,7 +88,7 @@ class StatusContext:
         from mailsh.keys.identity import own_identity
 
         s = self.settings
-        return own_identity(Gpg(s.gnupg_home, binary=s.gpg_binary, max_output=s.max_gpg_output))
+        return own_identity(Gpg.for_settings(s))
 
     def close(self) -> None:
         if "state" in self.__dict__:

@@ -89,7 +89,7 @@ def settings_from(**flags: Any) -> Settings:
 def gpg_for(settings: Settings) -> Gpg:
     from mailsh.keys.gpg import Gpg
 
-    return Gpg(settings.gnupg_home, binary=settings.gpg_binary, max_output=settings.max_gpg_output)
+    return Gpg.for_settings(settings)
 
 
 def usage_error(message: str, hint: str) -> MailshError:

@@ -13,11 +13,14 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
 import gnupg
 
 from mailsh.errors import DependencyError, GpgError
+
+if TYPE_CHECKING:
+    from mailsh.settings import Settings
 
 MIN_GNUPG = (2, 2, 36)
 AGENT_KILL_TIMEOUT = 30
@@ -81,6 +84,13 @@ class Gpg:
 
     Set up once per process and home: later instances reuse the handle (no version probe).
     """
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Self:
+        """The GnuPG home, program and output cap of ``settings``."""
+        return cls(
+            settings.gnupg_home, binary=settings.gpg_binary, max_output=settings.max_gpg_output
+        )
 
     def __init__(self, gnupg_home: Path, *, binary: str = "gpg", max_output: int) -> None:
         if shutil.which(binary) is None:

@@ -139,9 +139,7 @@ class Server:
         check_serve_home(settings)  # P15: home, GnuPG home and trust store are ours alone
         self.settings = settings
         self.options = options
-        self.gpg = Gpg(
-            settings.gnupg_home, binary=settings.gpg_binary, max_output=settings.max_gpg_output
-        )
+        self.gpg = Gpg.for_settings(settings)
         self.identity = server_identity(settings, self.gpg)
         self.state = StateDB(settings.state_db)
         self.spool = Spool(settings.spool_dir)

@@ -45,7 +45,7 @@ def make_home(_short_tmp: Path) -> Iterator[Callable[..., Home]]:
         home_dir = _short_tmp / f"h{next(counter)}"
         s = load_settings(home=home_dir, **settings)
         ensure_home(s)
-        gpg = Gpg(s.gnupg_home, max_output=s.max_gpg_output)
+        gpg = Gpg.for_settings(s)
         made.append(gpg)
         pubkey = home_dir / "public.asc"
         identity = new_identity(gpg, email, expire=expire, pubkey=pubkey, passphrase=s.passphrase())

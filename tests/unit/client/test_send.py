@@ -183,7 +183,7 @@ def test_transport_from_settings_carries_tls_options(rig: Rig, tmp_path: Path) -
 def test_no_identity_hints_keygen(tmp_path: Path) -> None:
     settings = load_settings(home=tmp_path / "empty", smtp="smtp://127.0.0.1:25")
     ensure_home(settings)
-    gpg = Gpg(settings.gnupg_home, max_output=settings.max_gpg_output)
+    gpg = Gpg.for_settings(settings)
     try:
         with pytest.raises(IdentityError) as err:
             submit_request(
