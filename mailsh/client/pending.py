@@ -17,6 +17,7 @@ A record is not deleted when its reply is accepted but marked ``answered_at`` (s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, replace
@@ -44,6 +45,13 @@ class UnknownRequestError(MailshError):
 
 MARK_TAIL_BYTES = 4096
 """Bytes before the mbox mark whose hash must still match for a scan to start there."""
+
+
+def tail_sha256(fd: int, offset: int) -> str:
+    """The hash of the :data:`MARK_TAIL_BYTES` of the open mbox ``fd`` that end at
+    ``offset``: taken when the mark is made, compared when a scan would start there."""
+    start = max(0, offset - MARK_TAIL_BYTES)
+    return hashlib.sha256(os.pread(fd, offset - start, start)).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ and if the hand-off may have happened it is kept (:class:`MaybeSentError`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from mailsh.client.pending import MARK_TAIL_BYTES, MboxMark, PendingRequest, PendingStore
+from mailsh.client.pending import MboxMark, PendingRequest, PendingStore, tail_sha256
 from mailsh.errors import (
     ConfigError,
     HandoffUnknownError,
@@ -131,8 +130,7 @@ def mbox_mark(path: Path) -> MboxMark | None:
         size = st.st_size
         if size and (size < 2 or os.pread(fd, 2, size - 2) != b"\n\n"):
             return None
-        start = max(0, size - MARK_TAIL_BYTES)
-        tail = os.pread(fd, size - start, start)
+        tail = tail_sha256(fd, size)
     except OSError:
         return None
     finally:
@@ -142,7 +140,7 @@ def mbox_mark(path: Path) -> MboxMark | None:
         device=st.st_dev,
         inode=st.st_ino,
         offset=size,
-        tail_sha256=hashlib.sha256(tail).hexdigest(),
+        tail_sha256=tail,
     )
 
 

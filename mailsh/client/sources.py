@@ -19,7 +19,6 @@ fails.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -236,7 +235,7 @@ def open_imap(settings: Settings, url: str, *, not_before: datetime | None = Non
 
 def mbox_start(path: Path, mark: MboxMark | None) -> int:
     """Where to start scanning ``path``: the send-time mark if provably valid, else 0."""
-    from mailsh.client.pending import MARK_TAIL_BYTES
+    from mailsh.client.pending import tail_sha256
 
     if mark is None or mark.path != str(path.absolute()):
         return 0
@@ -248,13 +247,12 @@ def mbox_start(path: Path, mark: MboxMark | None) -> int:
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != (mark.device, mark.inode) or st.st_size < mark.offset:
             return 0
-        start = max(0, mark.offset - MARK_TAIL_BYTES)
-        tail = os.pread(fd, mark.offset - start, start)
+        tail = tail_sha256(fd, mark.offset)
     except OSError:
         return 0
     finally:
         os.close(fd)
-    return mark.offset if hashlib.sha256(tail).hexdigest() == mark.tail_sha256 else 0
+    return mark.offset if tail == mark.tail_sha256 else 0
 
 
 @dataclass(frozen=True)
