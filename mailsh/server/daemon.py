@@ -159,7 +159,12 @@ class Server:
             on_reply_queued=self.outbound.kick,
         )
         self.intakes: list[MboxIntake | MaildirIntake] = [
-            *(MboxIntake(p, self.spool) for p in options.mboxes),
+            # an oversize message is still spooled (nothing lost) and refused as
+            # too-large by the processor; the intake logs it as it copies it
+            *(
+                MboxIntake(p, self.spool, max_message_bytes=settings.max_message_bytes)
+                for p in options.mboxes
+            ),
             *(MaildirIntake(p, self.spool) for p in options.maildirs),
         ]
         self.listener: object | None = None
